@@ -1,0 +1,264 @@
+"""Plain-torch reference of HiP attention over vLLM's paged KV cache: the oracle for every kernel.
+
+Readable first, vectorised where that keeps it readable. Imports torch only.
+
+Conventions shared with the Triton kernels (``kernels/triton_hip.py``):
+
+* ``k_cache`` / ``v_cache``: ``[num_blocks, page_size, num_kv_heads, head_size]`` strided views of vLLM's
+  cache (never assumed contiguous). Token ``t`` of request ``r`` lives at
+  ``cache[block_table[r, t // page_size], t % page_size]``.
+* A batch is ragged: request ``r`` owns query rows ``query_start_loc[r] : query_start_loc[r+1]``; those
+  rows sit at positions ``seq_lens[r] - q_len[r] ... seq_lens[r] - 1``.
+* Query blocks ("qb") cut each request's rows into runs of ``block_size_q``; see ``make_query_blocks``.
+* Key blocks are runs of ``block_size_k`` positions: key block ``j`` is positions ``[j*bk, (j+1)*bk)``.
+  They are logical (position) blocks, independent of vLLM's page size.
+* For a query block whose first position is ``p0`` the *window start* is
+  ``ws = max(0, floor((p0 - window) / bk) * bk)``; every query ``p`` of the block attends to
+  ``sink = [0, min(sink_tokens, ws))``, ``window = [ws, p]`` and the selected key blocks, which all lie in
+  ``[sink_tokens, ws)``. ``ws = 0`` means dense causal attention.
+* Mask estimation selects ``n = k / bk`` key blocks per (query block, KV head). Selection is reduced over
+  the query heads of one KV-head group, so it never depends on how heads are split over TP ranks.
+  Unused slots hold -1; used ones are sorted ascending.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------- layout
+def make_query_blocks(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_size_q: int):
+    """Cut a ragged batch into query blocks.
+
+    Returns int32 tensors ``(qb_req, qb_start, qb_len, qb_pos0)``: the request, first query row, number of
+    rows and position of the first row of every query block, in request order.
+    """
+    qsl = query_start_loc.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    nqb = (q_lens + block_size_q - 1) // block_size_q
+    qb_req = torch.repeat_interleave(torch.arange(len(q_lens), device=qsl.device), nqb)
+    first_qb = torch.cumsum(nqb, 0) - nqb
+    j = torch.arange(len(qb_req), device=qsl.device) - first_qb[qb_req]
+    qb_start = qsl[qb_req] + j * block_size_q
+    qb_len = torch.clamp(q_lens[qb_req] - j * block_size_q, max=block_size_q)
+    qb_pos0 = seq_lens.long()[qb_req] - q_lens[qb_req] + j * block_size_q
+    return tuple(t.to(torch.int32) for t in (qb_req, qb_start, qb_len, qb_pos0))
+
+
+def window_starts(pos0: torch.Tensor, window: int, block_size_k: int) -> torch.Tensor:
+    """First position of the sliding window for a query block starting at ``pos0`` (key-block aligned)."""
+    ws = torch.div(pos0.long() - window, block_size_k, rounding_mode="floor") * block_size_k
+    return torch.clamp(ws, min=0).to(torch.int32)
+
+
+def _paged(cache: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor, pos: torch.Tensor):
+    """cache rows for positions ``pos`` (any shape, broadcast with ``req``) -> ``[..., H, D]``."""
+    page = cache.shape[1]
+    blk = block_table.long()[req, torch.div(pos, page, rounding_mode="floor")]
+    return cache[blk, pos % page]
+
+
+def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one request, ``[length, H, D]``."""
+    pos = torch.arange(length, device=cache.device)
+    return _paged(cache, block_table_row[None], torch.zeros_like(pos), pos)
+
+
+# ------------------------------------------------------------------------------------ KV cache write
+def kv_write_reference(key, value, k_cache, v_cache, slot_mapping):
+    """Write ``key``/``value`` rows ``[T, H, D]`` to their slots; negative slots (padding) are skipped."""
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    slots = slots[keep]
+    page = k_cache.shape[1]
+    blk, off = torch.div(slots, page, rounding_mode="floor"), slots % page
+    k_cache[blk, off] = key[keep].to(k_cache.dtype)
+    v_cache[blk, off] = value[keep].to(v_cache.dtype)
+
+
+# --------------------------------------------------------------------------------- mask estimation
+def strided_query_rows(qb_start, qb_len, block_size_q: int, query_stride: int):
+    """Rows scored by mask estimation: the last row of each block and every ``query_stride``-th before it.
+
+    Returns ``(rows [QB, NQ] int64, valid [QB, NQ] bool)``.
+    """
+    nq = (block_size_q + query_stride - 1) // query_stride
+    off = qb_len.long()[:, None] - 1 - torch.arange(nq, device=qb_len.device)[None] * query_stride
+    valid = off >= 0
+    rows = qb_start.long()[:, None] + torch.clamp(off, min=0)
+    return rows, valid
+
+
+def hip_mask_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    qb_req: torch.Tensor,
+    qb_start: torch.Tensor,
+    qb_len: torch.Tensor,
+    window_start: torch.Tensor,
+    *,
+    n_select: int,
+    block_size_q: int,
+    block_size_k: int,
+    sink_tokens: int,
+    query_stride: int = 1,
+) -> torch.Tensor:
+    """Hierarchical top-k key-block selection (HiP v3) for every (query block, KV head).
+
+    Candidates are key blocks in ``[sink_tokens/bk, window_start/bk)``. They are split into ``n_select``
+    groups of near-equal size; each round splits every group in two, scores each half by the best
+    ``q . k`` between the block's strided queries (all query heads of the KV-head group) and the ``bk`` keys
+    of the half's centre key block, and keeps the ``n_select`` best halves (ties: lower position first).
+    Rounds repeat until every group is one key block. With ``n_select`` >= candidates, all are selected.
+    Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded.
+    """
+    dev = q.device
+    n, bk = n_select, block_size_k
+    QB = qb_req.shape[0]
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    req = qb_req.long()
+    begin = torch.full((QB,), sink_tokens // bk, dtype=torch.long, device=dev)
+    end = window_start.long() // bk
+    count = torch.clamp(end - begin, min=0)
+    out = torch.full((QB, Hkv, n), -1, dtype=torch.int32, device=dev)
+
+    # Few candidates: select them all.
+    ar = torch.arange(n, device=dev)
+    all_idx = begin[:, None] + ar[None]
+    take_all = torch.where(ar[None] < count[:, None], all_idx, torch.full_like(all_idx, -1))
+    out[:] = take_all[:, None, :].to(torch.int32)
+    hier = count > n
+    if not bool(hier.any()):
+        return out
+
+    sel = hier.nonzero().squeeze(1)
+    S = sel.shape[0]
+    b_sel, c_sel = begin[sel], count[sel]
+    # Queries scored: [S, Hkv, G*NQ, D] with a validity mask.
+    rows, rvalid = strided_query_rows(qb_start[sel], qb_len[sel], block_size_q, query_stride)
+    NQ = rows.shape[1]
+    qs = q[rows].float()  # [S, NQ, Hq, D]
+    qs = qs.view(S, NQ, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(S, Hkv, G * NQ, D)
+    qvalid = rvalid[:, None, None, :].expand(S, 1, G, NQ).reshape(S, 1, G * NQ)
+    heads = torch.arange(Hkv, device=dev)
+
+    def score(rep_block: torch.Tensor) -> torch.Tensor:  # [S, Hkv, M] key-block ids -> [S, Hkv, M]
+        pos = rep_block[..., None] * bk + torch.arange(bk, device=dev)  # [S, Hkv, M, bk]
+        page = k_cache.shape[1]
+        phys = block_table.long()[req[sel][:, None, None, None], torch.div(pos, page, rounding_mode="floor")]
+        keys = k_cache[phys, pos % page, heads[None, :, None, None]].float()  # [S, Hkv, M, bk, D]
+        s = torch.einsum("shmbd,shqd->shmbq", keys, qs)
+        s = s.masked_fill(~qvalid[:, :, None, None, :], NEG_INF)
+        return s.amax(dim=(-1, -2))
+
+    i = torch.arange(n + 1, device=dev)
+    bounds = b_sel[:, None] + torch.div(i[None] * c_sel[:, None], n, rounding_mode="floor")  # [S, n+1]
+    lo = bounds[:, :-1][:, None, :].expand(S, Hkv, n).contiguous()
+    hi = bounds[:, 1:][:, None, :].expand(S, Hkv, n).contiguous()
+    while bool((hi - lo > 1).any()):
+        split = hi - lo > 1
+        mid = torch.div(lo + hi, 2, rounding_mode="floor")
+        # Halves interleaved (left_i, right_i) so candidate order is position order.
+        c_lo = torch.stack([lo, mid], -1).flatten(-2)
+        c_hi = torch.stack([torch.where(split, mid, hi), hi], -1).flatten(-2)
+        valid = torch.stack([torch.ones_like(split), split], -1).flatten(-2)
+        rep = torch.div(c_lo + c_hi - 1, 2, rounding_mode="floor")
+        sc = score(torch.where(valid, rep, c_lo)).masked_fill(~valid, NEG_INF)
+        order = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :n]
+        order = torch.sort(order, dim=-1).values  # back to position order
+        lo, hi = torch.gather(c_lo, -1, order), torch.gather(c_hi, -1, order)
+    out[sel] = lo.to(torch.int32)
+    return out
+
+
+# ------------------------------------------------------------------------------ block-sparse attention
+def allowed_keys(length: int, window_start: int, sink_tokens: int, blocks: torch.Tensor, block_size_k: int):
+    """Bool mask ``[H, length]``: positions a query block attends to before causality (sink, window, selected).
+
+    ``blocks``: ``[H, n]`` selected key blocks, -1 padded.
+    """
+    H = blocks.shape[0]
+    t = torch.arange(length, device=blocks.device)
+    m = ((t < min(sink_tokens, window_start)) | (t >= window_start))[None].expand(H, length).clone()
+    in_sel = torch.zeros(H, length // block_size_k + 2, dtype=torch.bool, device=blocks.device)
+    b = blocks.long()
+    in_sel.scatter_(1, torch.where(b >= 0, b, in_sel.shape[1] - 1), True)
+    in_sel[:, -1] = False
+    return m | in_sel[:, t // block_size_k]
+
+
+def hip_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    qb_req: torch.Tensor,
+    qb_start: torch.Tensor,
+    qb_len: torch.Tensor,
+    qb_pos0: torch.Tensor,
+    window_start: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    sink_tokens: int,
+    block_size_k: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of every query block over sink + window + its selected key blocks (``indices[qb]``).
+
+    ``q``: ``[T, Hq, D]``; ``indices``: ``[QB, Hkv, n]``. Softmax in fp32; output in ``q``'s dtype.
+    """
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    if out is None:
+        out = torch.empty(T, Hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    cached_req, keys, vals = -1, None, None
+    for b in range(qb_req.shape[0]):
+        r, s, ln, p0, ws = (int(x[b]) for x in (qb_req, qb_start, qb_len, qb_pos0, window_start))
+        L = p0 + ln
+        if r != cached_req or keys.shape[0] < L:
+            L_req = int(seq_lens[r])
+            keys = gather_kv(k_cache, block_table[r], L_req).float()  # [L, Hkv, D]
+            vals = gather_kv(v_cache, block_table[r], L_req).float()
+            cached_req = r
+        causal = torch.arange(L, device=q.device)[None] <= (p0 + torch.arange(ln, device=q.device))[:, None]
+        mask = allowed_keys(L, ws, sink_tokens, indices[b], block_size_k)[:, None, :] & causal[None]  # [Hkv, ln, L]
+        qq = q[s : s + ln].float().view(ln, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, ln, D]
+        sc = torch.einsum("hgqd,lhd->hgql", qq, keys[:L]) * scale
+        sc = sc.masked_fill(~mask[:, None], NEG_INF)
+        p = torch.softmax(sc, dim=-1)
+        o = torch.einsum("hgql,lhd->qhgd", p, vals[:L])
+        out[s : s + ln] = o.reshape(ln, Hq, -1).to(out.dtype)
+    return out
+
+
+def dense_attention_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, scale, block_size_q=64):
+    """Causal dense attention over the paged cache: HiP with every window starting at 0."""
+    qb = make_query_blocks(query_start_loc, seq_lens, block_size_q)
+    zeros = torch.zeros_like(qb[0])
+    idx = torch.full((qb[0].shape[0], k_cache.shape[2], 1), -1, dtype=torch.int32, device=q.device)
+    return hip_attention_reference(
+        q, k_cache, v_cache, block_table, seq_lens, *qb, zeros, idx, sink_tokens=0, block_size_k=1, scale=scale
+    )
+
+
+def selected_fraction(seq_len: int, indices_row: torch.Tensor, window_start: int, sink_tokens: int, block_size_k: int):
+    """Fraction of the ``seq_len`` causal keys that a query at the last position attends to (one KV head)."""
+    n_sel = int((indices_row >= 0).sum()) * block_size_k
+    attended = min(sink_tokens, window_start) + (seq_len - window_start) + n_sel
+    return attended / max(seq_len, 1)
+
+
+def num_rounds(candidates: int, n_select: int) -> int:
+    """Refinement rounds of the hierarchy for ``candidates`` key blocks (0 when all are selected)."""
+    if candidates <= n_select:
+        return 0
+    return math.ceil(math.log2(math.ceil(candidates / n_select)))

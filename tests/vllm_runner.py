@@ -1,0 +1,54 @@
+"""Runs one vLLM offline job described by a JSON spec and prints its result as JSON (the stdout line starting with HIP_RESULT).
+
+Tests run every engine configuration in a fresh process: vLLM keeps process-wide state (distributed
+groups, compiled graphs) that makes a second ``LLM`` in one process unreliable.
+
+Spec keys: ``model``, ``backend`` ("default" or a name), ``hip`` (dict or null), ``engine`` (extra ``LLM``
+kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
+* ``generate``: one ``llm.generate`` over all prompts;
+* ``staggered``: prompt i joins the running engine after ``join_after[i]`` engine steps, so prefills of
+  new requests share steps with decodes of running ones (mixed batches, requests joining and leaving).
+"""
+import json
+import sys
+import time
+
+
+def run(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=spec["model"], enforce_eager=True, seed=0, dtype="float32", max_model_len=2048)
+    kw.update(spec.get("engine", {}))
+    if spec.get("backend", "default") != "default":
+        kw["attention_backend"] = spec["backend"]
+    if spec.get("hip") is not None:
+        kw["additional_config"] = {"hip": spec["hip"]}
+    t0 = time.time()
+    llm = LLM(**kw)
+    startup = time.time() - t0
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
+    t0 = time.time()
+    if spec.get("mode", "generate") == "generate":
+        outs = llm.generate(spec["prompts"], sp, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    else:
+        engine = llm.llm_engine
+        join_after = spec["join_after"]
+        pending = sorted(range(len(spec["prompts"])), key=lambda i: join_after[i])
+        done: dict[str, list[int]] = {}
+        step = 0
+        while pending or engine.has_unfinished_requests():
+            while pending and join_after[pending[0]] <= step:
+                i = pending.pop(0)
+                engine.add_request(str(i), spec["prompts"][i], sp)
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+            step += 1
+        tokens = [done[str(i)] for i in range(len(spec["prompts"]))]
+    return {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
+
+
+if __name__ == "__main__":
+    result = run(json.loads(sys.argv[1]))
+    print("HIP_RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,294 @@
+"""The HIP attention backend: backend class (static capabilities), metadata builder, and impl.
+
+Shaped like vLLM's own ``triton_attn.py``. The builder turns a step's ragged batch into query blocks once
+per step (shared by all layers); the impl's ``forward`` launches mask estimation and block-sparse attention
+(``vllm_hip.ops``) and never syncs the host on CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_hip import compat, ops
+from vllm_hip.compat import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+    MultipleOf,
+)
+from vllm_hip.config import HipConfig, hip_config_from_vllm
+from vllm_hip.kernels.reference import make_query_blocks, window_starts
+from vllm_hip.mask_state import DecodeMaskState
+
+logger = compat.init_logger(__name__)
+
+SUPPORTED_HEAD_SIZES = [32, 64, 128, 256]
+
+
+class HipAttentionBackend(AttentionBackend):
+    """HiP: sink + sliding window + hierarchically selected key blocks, over vLLM's paged KV cache."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "HIP"
+
+    @staticmethod
+    def get_impl_cls() -> type["HipAttentionImpl"]:
+        return HipAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["HipMetadataBuilder"]:
+        return HipMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return SUPPORTED_HEAD_SIZES
+
+    # vLLM 0.26 asks the backend for the cache shape; 0.32+ never calls these.
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False):
+        # Physical [blocks, page, heads, 2*hs] (NHD): one token's K and V rows of all heads are adjacent.
+        return (1, 0, 3, 2, 4) if include_num_layers_dimension else (0, 2, 1, 3)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def check_selector_config(cls, sel) -> None:
+        """Raise a clear error for a layer HIP cannot serve (used where the platform does not validate)."""
+        reasons = cls.validate_configuration(device_capability=None, **sel._asdict())
+        if reasons:
+            raise ValueError(
+                f"The HIP attention backend cannot run this model layer: {', '.join(reasons)}. "
+                f"HIP supports decoder self-attention of non-MLA models, head sizes {SUPPORTED_HEAD_SIZES}, "
+                f"dtypes fp16/bf16/fp32 and an unquantised KV cache. Use another --attention-backend, or "
+                f"attention_config.backend_per_kind to keep such layers on it."
+            )
+
+
+@dataclass
+class QueryBlocks:
+    """Query blocks of one kind (prefill or decode) of a step: int32 tensors, one entry per block."""
+
+    req: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+    pos0: torch.Tensor
+    window_start: torch.Tensor  # for HiP layers
+    dense_window_start: torch.Tensor  # zeros: dense layers
+    # Decode only: per-request mask-cache row and refresh flag.
+    mask_row: torch.Tensor | None = None
+    refresh: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.req.shape[0]
+
+
+@dataclass
+class HipMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+    prefill: QueryBlocks | None
+    decode: QueryBlocks | None
+    no_indices: torch.Tensor  # [1, Hkv, 1] of -1: dense layers select nothing
+    mask_cache_rows: int
+
+
+class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
+    _cudagraph_support: ClassVar = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.cfg: HipConfig = hip_config_from_vllm(vllm_config)
+        self.page_size = kv_cache_spec.block_size
+        self.num_kv_heads = kv_cache_spec.num_kv_heads
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        slots = self.cfg.mask_cache_slots or 2 * max_seqs
+        self.decode_state = DecodeMaskState(
+            slots, max_seqs, device, page_size=self.page_size, window=self.cfg.sliding_window,
+            block_size_k=self.cfg.block_size_k, interval=self.cfg.mask_refresh_interval,
+            dense_below=self.cfg.dense_below_seq_len,
+        )
+        self.no_indices = torch.full((1, self.num_kv_heads, 1), -1, dtype=torch.int32, device=device)
+        # Decode requests first, so prefill and decode blocks are contiguous runs.
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> HipMetadata:
+        cm = common_attn_metadata
+        R = cm.num_reqs
+        qsl_cpu = cm.query_start_loc_cpu[: R + 1]
+        q_lens = (qsl_cpu[1:] - qsl_cpu[:-1]).to(torch.int64)
+        is_decode = q_lens == 1
+        dec_reqs = torch.nonzero(is_decode).flatten()  # host tensors: no device sync
+        pf_reqs = torch.nonzero(~is_decode & (q_lens > 0)).flatten()
+        seq_lens = cm.seq_lens[:R]
+        block_table = cm.block_table_tensor[:R]
+        state = self.decode_state
+        dev = seq_lens.device
+
+        prefill = None
+        if pf_reqs.numel():
+            prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens, dev)
+            state.invalidate(block_table, pf_reqs.to(dev))
+        decode = None
+        if dec_reqs.numel():
+            d = dec_reqs.to(dev)
+            plan = state.plan(block_table, seq_lens, d)
+            start = cm.query_start_loc[:R][d].to(torch.int32)
+            pos0 = (seq_lens[d] - 1).to(torch.int32)
+            decode = QueryBlocks(
+                req=d.to(torch.int32), start=start, length=torch.ones_like(start), pos0=pos0,
+                window_start=plan.window_start, dense_window_start=torch.zeros_like(start),
+                mask_row=plan.row, refresh=plan.refresh,
+            )
+        return HipMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=cm.query_start_loc,
+            seq_lens=seq_lens,
+            block_table=block_table,
+            slot_mapping=cm.slot_mapping,
+            prefill=prefill,
+            decode=decode,
+            no_indices=self.no_indices,
+            mask_cache_rows=state.cache_rows,
+        )
+
+    def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, dev) -> QueryBlocks:
+        cfg = self.cfg
+        # Blocks of the prefill requests only (layout is host-side: q_lens are known on the host).
+        sub_qsl = torch.zeros(reqs.numel() + 1, dtype=torch.int64)
+        sub_qsl[1:] = torch.cumsum(q_lens[reqs], 0)
+        qb_req, qb_start, qb_len, qb_rel = make_query_blocks(sub_qsl, q_lens[reqs], cfg.block_size_q)
+        # qb_rel = offset of the block's first row inside its request's rows this step.
+        qb_rel = qb_rel.long()
+        req = reqs[qb_req.long()]
+        start = qsl_cpu[req].long() + qb_rel
+        req_d = req.to(dev)
+        q_len_d = q_lens[req].to(dev)
+        rel_d = qb_rel.to(dev)
+        pos0 = seq_lens[req_d].long() - q_len_d + rel_d
+        ws = window_starts(pos0, cfg.sliding_window, cfg.block_size_k)
+        if cfg.dense_below_seq_len:
+            ws = torch.where(seq_lens[req_d] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)
+        return QueryBlocks(
+            req=req_d.to(torch.int32), start=start.to(dev, torch.int32), length=qb_len.to(dev),
+            pos0=pos0.to(torch.int32), window_start=ws, dense_window_start=torch.zeros_like(ws),
+        )
+
+
+class HipAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes=None, sliding_window=None,
+                 kv_cache_dtype="auto", logits_soft_cap=None, attn_type=AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None, **unsupported):
+        problems = []
+        if alibi_slopes is not None:
+            problems.append("ALiBi")
+        if sliding_window is not None:
+            problems.append(f"model sliding window ({sliding_window})")
+        if logits_soft_cap:
+            problems.append("logits soft-capping")
+        if sinks is not None:
+            problems.append("learned attention sinks")
+        if attn_type != AttentionType.DECODER:
+            problems.append(f"attention type {attn_type}")
+        if kv_sharing_target_layer_name is not None:
+            problems.append("cross-layer KV sharing")
+        if kv_cache_dtype not in HipAttentionBackend.supported_kv_cache_dtypes:
+            problems.append(f"kv_cache_dtype={kv_cache_dtype}")
+        if head_size not in SUPPORTED_HEAD_SIZES:
+            problems.append(f"head size {head_size} (supported: {SUPPORTED_HEAD_SIZES})")
+        if problems:
+            raise NotImplementedError(
+                f"The HIP attention backend does not support {', '.join(problems)}. Choose another "
+                f"--attention-backend for this model, or use attention_config.backend_per_kind to keep "
+                f"these layers on their default backend."
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.cfg: HipConfig = hip_config_from_vllm(compat.get_current_vllm_config())
+        self.layer_index: int | None = None
+        self.dense: bool | None = None  # decided at the first forward, once the layer name is known
+        self._mask_cache: torch.Tensor | None = None
+
+    def _resolve_layer(self, layer) -> None:
+        name = getattr(layer, "layer_name", "")
+        try:
+            self.layer_index = compat.extract_layer_index(name)
+        except Exception:
+            self.layer_index = None
+        self.dense = self.layer_index is not None and self.layer_index in self.cfg.dense_layers
+
+    def _decode_mask_cache(self, rows: int, device) -> torch.Tensor:
+        if self._mask_cache is None or self._mask_cache.shape[0] != rows:
+            self._mask_cache = torch.full(
+                (rows, self.num_kv_heads, self.cfg.n_select), -1, dtype=torch.int32, device=device
+            )
+        return self._mask_cache
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
+        n = slot_mapping.shape[0]
+        ops.kv_write(key[:n], value[:n], k_cache, v_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
+                output_block_scale=None, **kwargs):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("HIP does not support fused output quantization")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        if self.dense is None:
+            self._resolve_layer(layer)
+        md: HipMetadata = attn_metadata
+        cfg = self.cfg
+        k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
+        T = md.num_actual_tokens
+        q = query[:T].view(T, self.num_heads, self.head_size)
+        out = output[:T].view(T, self.num_heads, self.head_size)
+        common = dict(sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=self.scale, out=out)
+        mask_kw = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
+                       sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
+        for qb in (md.prefill, md.decode):
+            if qb is None:
+                continue
+            args = (q, k_cache, v_cache, md.block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
+            if self.dense:
+                ops.attention(*args, qb.dense_window_start, md.no_indices,
+                              indices_row=torch.zeros_like(qb.req), **common)
+            elif qb.mask_row is None:  # prefill: fresh masks for every query block
+                idx = ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start, **mask_kw)
+                ops.attention(*args, qb.window_start, idx, **common)
+            else:  # decode: refresh the cached masks that are due, reuse the rest
+                cache = self._decode_mask_cache(md.mask_cache_rows, q.device)
+                ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start,
+                         out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
+                ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
+        return output

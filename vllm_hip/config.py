@@ -1,0 +1,152 @@
+"""HipConfig: every user-facing knob of vllm-hip, read once from ``additional_config["hip"]`` and validated.
+
+Users set it with ``vllm serve ... --additional-config '{"hip": {"k": 1024}}'`` or
+``LLM(..., additional_config={"hip": {...}})``. Defaults follow the HiP paper (hip.md); an unknown key or a
+bad value raises ``HipConfigError`` naming the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+
+
+class HipConfigError(ValueError):
+    """A bad ``additional_config["hip"]`` value; the message names the key and how to fix it."""
+
+
+@dataclass(frozen=True)
+class HipOffloadConfig:
+    """KV offload to host memory (see README, "Offload"). Off unless ``gpu_blocks`` is set."""
+
+    gpu_blocks: int = 0
+    """GPU KV blocks kept resident per request (sink + window + hot set); 0 disables offload."""
+    host_gib: float = 0.0
+    """Pinned host memory for cold KV blocks, GiB."""
+
+
+@dataclass(frozen=True)
+class HipConfig:
+    """HiP attention settings. Docstrings of the fields are the documentation (README's config table)."""
+
+    k: int = 512
+    """Tokens selected per query block by the hierarchical top-k (excluding sink and window)."""
+    block_size_q: int = 64
+    """Queries per query block: one mask is estimated per block of this many consecutive queries."""
+    block_size_k: int = 2
+    """Tokens per key block, the unit of selection. ``k`` must be a multiple of it."""
+    query_stride: int = 2
+    """Score every n-th query of a block during mask estimation (1 = all)."""
+    sink_tokens: int = 16
+    """First tokens every query attends to (attention sinks). Must be a multiple of ``block_size_k``."""
+    sliding_window: int = 256
+    """Most recent tokens every query attends to, on top of the selected blocks."""
+    dense_layers: tuple[int, ...] = (0, 1, 2)
+    """Layer indices that keep dense attention (the paper keeps the first 3 dense)."""
+    dense_below_seq_len: int = 0
+    """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes."""
+    mask_refresh_interval: int = 8
+    """Decode steps a request reuses its mask before re-estimating it (1 = every step)."""
+    mask_cache_slots: int = 0
+    """Per-request decode mask slots per layer; 0 = 2 x max_num_seqs."""
+    offload: HipOffloadConfig = field(default_factory=HipOffloadConfig)
+
+    @property
+    def n_select(self) -> int:
+        """Key blocks selected per query block."""
+        return self.k // self.block_size_k
+
+    # ------------------------------------------------------------------------------------ parsing
+    @classmethod
+    def from_dict(cls, raw: dict | str | None) -> "HipConfig":
+        """Build and validate from the ``"hip"`` section (a dict or its JSON text)."""
+        if raw is None:
+            raw = {}
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise HipConfigError(f'additional_config["hip"] is not valid JSON: {e}') from None
+        if not isinstance(raw, dict):
+            raise HipConfigError(f'additional_config["hip"] must be a JSON object, got {type(raw).__name__}')
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise HipConfigError(
+                f'unknown key(s) {unknown} in additional_config["hip"]; valid keys: {sorted(known)}'
+            )
+        kwargs = {}
+        for name, value in raw.items():
+            if name == "offload":
+                kwargs[name] = _parse_offload(value)
+            elif name == "dense_layers":
+                if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                    raise HipConfigError(f"hip.dense_layers must be a list of layer indices, got {value!r}")
+                kwargs[name] = tuple(sorted(set(int(v) for v in value)))
+            else:
+                if not _is_int(value):
+                    raise HipConfigError(f"hip.{name} must be an integer, got {value!r}")
+                kwargs[name] = int(value)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ``HipConfigError`` for inconsistent values."""
+        positive = ("k", "block_size_q", "block_size_k", "query_stride", "mask_refresh_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise HipConfigError(f"hip.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("sink_tokens", "sliding_window", "dense_below_seq_len", "mask_cache_slots"):
+            if getattr(self, name) < 0:
+                raise HipConfigError(f"hip.{name} must be >= 0, got {getattr(self, name)}")
+        bk = self.block_size_k
+        if bk & (bk - 1):
+            raise HipConfigError(f"hip.block_size_k must be a power of two, got {bk}")
+        if self.k % bk:
+            raise HipConfigError(
+                f"hip.k ({self.k}) must be a multiple of hip.block_size_k ({bk}); try k={self.k // bk * bk or bk}"
+            )
+        if self.sink_tokens % bk:
+            raise HipConfigError(
+                f"hip.sink_tokens ({self.sink_tokens}) must be a multiple of hip.block_size_k ({bk})"
+            )
+        if self.query_stride > self.block_size_q:
+            raise HipConfigError(
+                f"hip.query_stride ({self.query_stride}) must be <= hip.block_size_q ({self.block_size_q})"
+            )
+        if any(i < 0 for i in self.dense_layers):
+            raise HipConfigError(f"hip.dense_layers must hold non-negative indices, got {list(self.dense_layers)}")
+        if self.offload.gpu_blocks < 0 or self.offload.host_gib < 0:
+            raise HipConfigError("hip.offload.gpu_blocks and hip.offload.host_gib must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dense_layers"] = list(self.dense_layers)
+        return d
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _parse_offload(value) -> HipOffloadConfig:
+    if not isinstance(value, dict):
+        raise HipConfigError(f"hip.offload must be an object like {{'gpu_blocks': 4096, 'host_gib': 64}}, got {value!r}")
+    known = {f.name for f in fields(HipOffloadConfig)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise HipConfigError(f"unknown key(s) {unknown} in hip.offload; valid keys: {sorted(known)}")
+    gb = value.get("gpu_blocks", 0)
+    hg = value.get("host_gib", 0.0)
+    if not _is_int(gb):
+        raise HipConfigError(f"hip.offload.gpu_blocks must be an integer, got {gb!r}")
+    if not isinstance(hg, (int, float)) or isinstance(hg, bool):
+        raise HipConfigError(f"hip.offload.host_gib must be a number, got {hg!r}")
+    return HipOffloadConfig(gpu_blocks=int(gb), host_gib=float(hg))
+
+
+def hip_config_from_vllm(vllm_config) -> HipConfig:
+    """The HipConfig of a running engine (``vllm_config.additional_config["hip"]``)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    return HipConfig.from_dict(extra.get("hip"))
