@@ -7,6 +7,7 @@ bad value raises ``HipConfigError`` naming the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field, fields
 
@@ -147,6 +148,13 @@ def _parse_offload(value) -> HipOffloadConfig:
 
 
 def hip_config_from_vllm(vllm_config) -> HipConfig:
-    """The HipConfig of a running engine (``vllm_config.additional_config["hip"]``)."""
+    """The HipConfig of a running engine (``vllm_config.additional_config["hip"]``), parsed once per process."""
     extra = getattr(vllm_config, "additional_config", None) or {}
-    return HipConfig.from_dict(extra.get("hip"))
+    raw = extra.get("hip")
+    key = raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
+    return _parse_cached(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_cached(key: str) -> HipConfig:
+    return HipConfig.from_dict(json.loads(key))

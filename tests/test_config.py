@@ -1,0 +1,62 @@
+"""HipConfig parsing and validation: defaults, and a clear error naming the fix for every bad value."""
+import pytest
+
+from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
+
+
+def test_defaults_follow_the_paper():
+    c = HipConfig.from_dict(None)
+    assert (c.k, c.block_size_q, c.block_size_k, c.query_stride) == (512, 64, 2, 2)
+    assert (c.sink_tokens, c.sliding_window, c.dense_layers, c.mask_refresh_interval) == (16, 256, (0, 1, 2), 8)
+    assert c.n_select == 256
+
+
+def test_json_text_and_dict_agree():
+    assert HipConfig.from_dict('{"k": 1024, "dense_layers": [2, 0]}') == HipConfig.from_dict(
+        {"k": 1024, "dense_layers": [0, 2]}
+    )
+
+
+def test_frozen():
+    c = HipConfig()
+    with pytest.raises(Exception):
+        c.k = 3
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"kk": 1}, r"unknown key\(s\) \['kk'\].*valid keys"),
+        ({"k": 100, "block_size_k": 8}, r"hip.k \(100\) must be a multiple of hip.block_size_k \(8\); try k=96"),
+        ({"k": -4}, r"hip.k must be > 0"),
+        ({"sliding_window": -1}, r"hip.sliding_window must be >= 0"),
+        ({"block_size_k": 3, "k": 9}, r"power of two"),
+        ({"sink_tokens": 3}, r"hip.sink_tokens \(3\) must be a multiple of hip.block_size_k"),
+        ({"query_stride": 128}, r"query_stride \(128\) must be <= hip.block_size_q"),
+        ({"k": "512"}, r"hip.k must be an integer"),
+        ({"k": True}, r"hip.k must be an integer"),
+        ({"dense_layers": 3}, r"dense_layers must be a list"),
+        ({"dense_layers": [-1]}, r"non-negative"),
+        ({"mask_refresh_interval": 0}, r"mask_refresh_interval must be > 0"),
+        ({"offload": {"gpu_blocks": -1}}, r"must be >= 0"),
+        ({"offload": {"gpu": 1}}, r"unknown key\(s\) \['gpu'\] in hip.offload"),
+        ("{not json", r"not valid JSON"),
+        ([1, 2], r"must be a JSON object"),
+    ],
+)
+def test_bad_values_raise_clear_errors(raw, message):
+    with pytest.raises(HipConfigError, match=message):
+        HipConfig.from_dict(raw)
+
+
+def test_read_from_vllm_additional_config():
+    class FakeVllmConfig:
+        additional_config = {"hip": {"k": 256, "block_size_k": 4}}
+
+    c = hip_config_from_vllm(FakeVllmConfig())
+    assert (c.k, c.block_size_k, c.n_select) == (256, 4, 64)
+
+    class NoHip:
+        additional_config = None
+
+    assert hip_config_from_vllm(NoHip()) == HipConfig()
