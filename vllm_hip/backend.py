@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from vllm_hip import compat, ops
+from vllm_hip import compat, ops, stats
 from vllm_hip.compat import (
     AttentionBackend,
     AttentionCGSupport,
@@ -276,19 +276,27 @@ class HipAttentionImpl(AttentionImpl):
         common = dict(sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=self.scale, out=out)
         mask_kw = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
                        sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
-        for qb in (md.prefill, md.decode):
+        for phase, qb in (("prefill", md.prefill), ("decode", md.decode)):
             if qb is None:
                 continue
             args = (q, k_cache, v_cache, md.block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
             if self.dense:
                 ops.attention(*args, qb.dense_window_start, md.no_indices,
                               indices_row=torch.zeros_like(qb.req), **common)
+                selected = None
             elif qb.mask_row is None:  # prefill: fresh masks for every query block
                 idx = ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start, **mask_kw)
                 ops.attention(*args, qb.window_start, idx, **common)
+                selected = idx
             else:  # decode: refresh the cached masks that are due, reuse the rest
                 cache = self._decode_mask_cache(md.mask_cache_rows, q.device)
                 ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
                 ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
+                selected = cache[qb.mask_row.long()]
+            if cfg.record_stats:
+                stats.record(self.layer_index or 0, phase, qb.length, qb.pos0,
+                             qb.dense_window_start if selected is None else qb.window_start,
+                             None if selected is None else (selected >= 0).sum(-1), cfg.sink_tokens,
+                             cfg.block_size_k)
         return output

@@ -50,6 +50,8 @@ class HipConfig:
     """Decode steps a request reuses its mask before re-estimating it (1 = every step)."""
     mask_cache_slots: int = 0
     """Per-request decode mask slots per layer; 0 = 2 x max_num_seqs."""
+    record_stats: bool = False
+    """Count attended vs causal keys per layer (``vllm_hip.stats``); adds small device ops per layer."""
     offload: HipOffloadConfig = field(default_factory=HipOffloadConfig)
 
     @property
@@ -80,6 +82,10 @@ class HipConfig:
         for name, value in raw.items():
             if name == "offload":
                 kwargs[name] = _parse_offload(value)
+            elif name == "record_stats":
+                if not isinstance(value, bool):
+                    raise HipConfigError(f"hip.record_stats must be true or false, got {value!r}")
+                kwargs[name] = value
             elif name == "dense_layers":
                 if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
                     raise HipConfigError(f"hip.dense_layers must be a list of layer indices, got {value!r}")
