@@ -214,6 +214,7 @@ def hip_attention_reference(
     """Attention of every query block over sink + window + its selected key blocks (``indices[qb]``).
 
     ``q``: ``[T, Hq, D]``; ``indices``: ``[QB, Hkv, n]``. Softmax in fp32; output in ``q``'s dtype.
+    Blocks with ``qb_len == 0`` are inert (padding rows of a fixed-size decode batch) and write nothing.
     """
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -223,6 +224,8 @@ def hip_attention_reference(
     cached_req, keys, vals = -1, None, None
     for b in range(qb_req.shape[0]):
         r, s, ln, p0, ws = (int(x[b]) for x in (qb_req, qb_start, qb_len, qb_pos0, window_start))
+        if ln <= 0:  # inert block (padding of a fixed-size decode batch): writes nothing
+            continue
         L = p0 + ln
         if r != cached_req or keys.shape[0] < L:
             L_req = int(seq_lens[r])

@@ -118,7 +118,7 @@ class HipMetadata:
 
 
 class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
-    _cudagraph_support: ClassVar = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -133,8 +133,26 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             dense_below=self.cfg.dense_below_seq_len,
         )
         self.no_indices = torch.full((1, self.num_kv_heads, 1), -1, dtype=torch.int32, device=device)
+        # Decode metadata lives in persistent buffers, so a captured decode graph reads this step's values.
+        i32 = dict(dtype=torch.int32, device=device)
+        self._dec = {name: torch.zeros(max_seqs, **i32)
+                     for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row")}
+        self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
         # Decode requests first, so prefill and decode blocks are contiguous runs.
         self._init_reorder_batch_threshold(1)
+
+    def _h2d(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor -> int32 on the device, without blocking the host on CUDA."""
+        t = t.to(torch.int32)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> HipMetadata:
+        # Capture runs with dummy block tables: never let it leave decode mask state behind.
+        md = self.build(0, common_attn_metadata)
+        self.decode_state.owner.fill_(-1)
+        return md
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HipMetadata:
@@ -148,23 +166,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         seq_lens = cm.seq_lens[:R]
         block_table = cm.block_table_tensor[:R]
         state = self.decode_state
-        dev = seq_lens.device
 
         prefill = None
         if pf_reqs.numel():
-            prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens, dev)
-            state.invalidate(block_table, pf_reqs.to(dev))
-        decode = None
-        if dec_reqs.numel():
-            d = dec_reqs.to(dev)
-            plan = state.plan(block_table, seq_lens, d)
-            start = cm.query_start_loc[:R][d].to(torch.int32)
-            pos0 = (seq_lens[d] - 1).to(torch.int32)
-            decode = QueryBlocks(
-                req=d.to(torch.int32), start=start, length=torch.ones_like(start), pos0=pos0,
-                window_start=plan.window_start, dense_window_start=torch.zeros_like(start),
-                mask_row=plan.row, refresh=plan.refresh,
-            )
+            prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens)
+            state.invalidate(block_table, self._h2d(pf_reqs))
+        decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
         return HipMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=cm.query_start_loc,
@@ -177,26 +184,48 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             mask_cache_rows=state.cache_rows,
         )
 
-    def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, dev) -> QueryBlocks:
+    def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table) -> QueryBlocks:
+        n = dec_reqs.numel()
+        if n > self._dec["req"].shape[0]:
+            raise RuntimeError(f"{n} decode requests exceed max_num_seqs={self._dec['req'].shape[0]}")
+        d = self._h2d(dec_reqs).long()
+        plan = self.decode_state.plan(block_table, seq_lens, d)
+        L = seq_lens[d]
+        b = self._dec
+        b["req"][:n].copy_(d)
+        b["start"][:n].copy_(cm.query_start_loc[d])
+        b["length"][:n].copy_(L > 0)
+        b["pos0"][:n].copy_(L - 1)
+        b["window_start"][:n].copy_(plan.window_start)
+        b["row"][:n].copy_(plan.row)
+        self._dec_refresh[:n].copy_(plan.refresh)
+        # Rows past n (padding of a captured batch) stay inert: no tokens, no refresh.
+        b["length"][n:].zero_()
+        self._dec_refresh[n:].zero_()
+        return QueryBlocks(
+            req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
+            window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
+            mask_row=b["row"][:n], refresh=self._dec_refresh[:n],
+        )
+
+    def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens) -> QueryBlocks:
         cfg = self.cfg
-        # Blocks of the prefill requests only (layout is host-side: q_lens are known on the host).
+        # Query blocks of the prefill requests: their count and layout only need host-side q_lens.
         sub_qsl = torch.zeros(reqs.numel() + 1, dtype=torch.int64)
         sub_qsl[1:] = torch.cumsum(q_lens[reqs], 0)
-        qb_req, qb_start, qb_len, qb_rel = make_query_blocks(sub_qsl, q_lens[reqs], cfg.block_size_q)
-        # qb_rel = offset of the block's first row inside its request's rows this step.
-        qb_rel = qb_rel.long()
+        qb_req, _, qb_len, qb_rel = make_query_blocks(sub_qsl, q_lens[reqs], cfg.block_size_q)
         req = reqs[qb_req.long()]
-        start = qsl_cpu[req].long() + qb_rel
-        req_d = req.to(dev)
-        q_len_d = q_lens[req].to(dev)
-        rel_d = qb_rel.to(dev)
-        pos0 = seq_lens[req_d].long() - q_len_d + rel_d
+        start = qsl_cpu[req].long() + qb_rel.long()
+        # qb_rel: offset of the block's first row among its request's rows this step.
+        host = torch.stack([req, start, qb_len.long(), qb_rel.long(), q_lens[req]])
+        req_d, start_d, len_d, rel_d, qlen_d = self._h2d(host).unbind(0)
+        pos0 = seq_lens[req_d.long()] - qlen_d + rel_d
         ws = window_starts(pos0, cfg.sliding_window, cfg.block_size_k)
         if cfg.dense_below_seq_len:
-            ws = torch.where(seq_lens[req_d] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)
+            ws = torch.where(seq_lens[req_d.long()] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)
         return QueryBlocks(
-            req=req_d.to(torch.int32), start=start.to(dev, torch.int32), length=qb_len.to(dev),
-            pos0=pos0.to(torch.int32), window_start=ws, dense_window_start=torch.zeros_like(ws),
+            req=req_d, start=start_d, length=len_d, pos0=pos0.to(torch.int32), window_start=ws,
+            dense_window_start=torch.zeros_like(ws),
         )
 
 
@@ -282,7 +311,7 @@ class HipAttentionImpl(AttentionImpl):
             args = (q, k_cache, v_cache, md.block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
             if self.dense:
                 ops.attention(*args, qb.dense_window_start, md.no_indices,
-                              indices_row=torch.zeros_like(qb.req), **common)
+                              indices_row=qb.dense_window_start, **common)  # every block reads row 0
                 selected = None
             elif qb.mask_row is None:  # prefill: fresh masks for every query block
                 idx = ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start, **mask_kw)

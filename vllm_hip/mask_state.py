@@ -95,7 +95,8 @@ class DecodeMaskState:
             & ~private
         )
         dense = L <= self.dense_below
-        refresh = ~valid & ~dense
+        live = L > 0  # padding rows of a fixed-size (CUDA graph) decode batch have no tokens
+        refresh = ~valid & ~dense & live
 
         bk = self.block_size_k
         new_ws = torch.clamp(torch.div(L - 1 - self.window, bk, rounding_mode="floor") * bk, min=0)
