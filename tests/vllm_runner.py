@@ -23,6 +23,10 @@ def run(spec: dict) -> dict:
         kw["attention_backend"] = spec["backend"]
     if spec.get("hip") is not None:
         kw["additional_config"] = {"hip": spec["hip"]}
+    if spec.get("ray"):  # a local Ray instance owned by this job
+        import ray
+
+        ray.init(num_cpus=spec["ray"].get("num_cpus", 2), include_dashboard=False, log_to_driver=False)
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -46,7 +50,13 @@ def run(spec: dict) -> dict:
                     done[out.request_id] = list(out.outputs[0].token_ids)
             step += 1
         tokens = [done[str(i)] for i in range(len(spec["prompts"]))]
-    return {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
+    result = {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
+    if spec.get("ray"):
+        import ray
+
+        del llm
+        ray.shutdown()
+    return result
 
 
 if __name__ == "__main__":

@@ -30,6 +30,13 @@ logger = compat.init_logger(__name__)
 SUPPORTED_HEAD_SIZES = [32, 64, 128, 256]
 
 
+def _layer_index(layer_name: str) -> int | None:
+    try:
+        return compat.extract_layer_index(layer_name)
+    except Exception:  # a name without a layer number: never dense by index
+        return None
+
+
 class HipAttentionBackend(AttentionBackend):
     """HiP: sink + sliding window + hierarchically selected key blocks, over vLLM's paged KV cache."""
 
@@ -114,7 +121,7 @@ class HipMetadata:
     prefill: QueryBlocks | None
     decode: QueryBlocks | None
     no_indices: torch.Tensor  # [1, Hkv, 1] of -1: dense layers select nothing
-    mask_cache_rows: int
+    mask_caches: dict[str, torch.Tensor]  # layer name -> decode masks [rows, Hkv, n] (persistent)
 
 
 class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
@@ -138,8 +145,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._dec = {name: torch.zeros(max_seqs, **i32)
                      for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row")}
         self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
+        # Decode masks of every layer of this group. Allocated at the first build, i.e. outside any CUDA-graph
+        # capture (an allocation captured with its fill would reset the cache at every replay).
+        self._mask_caches: dict[str, torch.Tensor] | None = None
         # Decode requests first, so prefill and decode blocks are contiguous runs.
         self._init_reorder_batch_threshold(1)
+
+    def _is_dense_layer(self, name: str) -> bool:
+        return _layer_index(name) in self.cfg.dense_layers
 
     def _h2d(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> int32 on the device, without blocking the host on CUDA."""
@@ -172,6 +185,10 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens)
             state.invalidate(block_table, self._h2d(pf_reqs))
         decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
+        if self._mask_caches is None:
+            shape = (state.cache_rows, self.num_kv_heads, self.cfg.n_select)
+            self._mask_caches = {name: torch.full(shape, -1, dtype=torch.int32, device=self.device)
+                                 for name in self.layer_names if not self._is_dense_layer(name)}
         return HipMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=cm.query_start_loc,
@@ -181,7 +198,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             prefill=prefill,
             decode=decode,
             no_indices=self.no_indices,
-            mask_cache_rows=state.cache_rows,
+            mask_caches=self._mask_caches,
         )
 
     def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table) -> QueryBlocks:
@@ -266,22 +283,10 @@ class HipAttentionImpl(AttentionImpl):
         self.cfg: HipConfig = hip_config_from_vllm(compat.get_current_vllm_config())
         self.layer_index: int | None = None
         self.dense: bool | None = None  # decided at the first forward, once the layer name is known
-        self._mask_cache: torch.Tensor | None = None
 
     def _resolve_layer(self, layer) -> None:
-        name = getattr(layer, "layer_name", "")
-        try:
-            self.layer_index = compat.extract_layer_index(name)
-        except Exception:
-            self.layer_index = None
-        self.dense = self.layer_index is not None and self.layer_index in self.cfg.dense_layers
-
-    def _decode_mask_cache(self, rows: int, device) -> torch.Tensor:
-        if self._mask_cache is None or self._mask_cache.shape[0] != rows:
-            self._mask_cache = torch.full(
-                (rows, self.num_kv_heads, self.cfg.n_select), -1, dtype=torch.int32, device=device
-            )
-        return self._mask_cache
+        self.layer_index = _layer_index(getattr(layer, "layer_name", ""))
+        self.dense = self.layer_index in self.cfg.dense_layers
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
@@ -309,6 +314,7 @@ class HipAttentionImpl(AttentionImpl):
             if qb is None:
                 continue
             args = (q, k_cache, v_cache, md.block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
+            common["max_qb_len"] = cfg.block_size_q if qb.mask_row is None else 1
             if self.dense:
                 ops.attention(*args, qb.dense_window_start, md.no_indices,
                               indices_row=qb.dense_window_start, **common)  # every block reads row 0
@@ -318,7 +324,7 @@ class HipAttentionImpl(AttentionImpl):
                 ops.attention(*args, qb.window_start, idx, **common)
                 selected = idx
             else:  # decode: refresh the cached masks that are due, reuse the rest
-                cache = self._decode_mask_cache(md.mask_cache_rows, q.device)
+                cache = md.mask_caches[layer.layer_name]
                 ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
                 ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)

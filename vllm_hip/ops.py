@@ -57,11 +57,13 @@ def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_s
 
 
 def attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start,
-              indices, *, sink_tokens, block_size_k, scale, out, indices_row=None) -> torch.Tensor:
+              indices, *, sink_tokens, block_size_k, scale, out, indices_row=None, max_qb_len=None) -> torch.Tensor:
+    """Block-sparse attention; ``max_qb_len`` (longest query block, 1 for decode) sizes the kernel's tiles."""
     if _use_triton(q):
         return _triton().hip_attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
                                        qb_pos0, window_start, indices, sink_tokens=sink_tokens,
-                                       block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row)
+                                       block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row,
+                                       block_size_q=max_qb_len)
     if indices_row is not None:
         indices = indices[indices_row.long()]
     return ref.hip_attention_reference(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `make gpu-check`: every GPU test and benchmark of vllm-hip, on a CUDA machine; logs under $OUT.
+#
+#   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [throughput]   (default: all)
+#
+# install     installs this checkout into $SITE (default /tmp/site) with its entry point, so vLLM's
+#             engine processes load the plugin; converts SmolLM2 from $SMOLLM2_GGUF if given.
+# kernels     GPU kernel tests (tests/test_kernels_triton.py, real sizes).
+# vllm        HIP inside vLLM on the GPU (tests/test_gpu_vllm.py): equality with FLASH_ATTN, CUDA graphs,
+#             SmolLM2 passkey.
+# bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
+# throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/hip-gpu-out}
+SITE=${SITE:-/tmp/site}
+mkdir -p "$OUT"
+steps=${*:-install kernels vllm bench throughput}
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi -L | tee "$OUT/gpu.txt"
+status=0
+for step in $steps; do
+  start=$(date +%s)
+  case $step in
+    install)
+      python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$SITE" . 2>&1 | tail -3
+      if [ -n "${SMOLLM2_GGUF:-}" ] && [ ! -d .cache/smollm2 ]; then
+        python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import assets; from pathlib import Path; \
+assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gguf(Path('$SMOLLM2_GGUF'), t, assets.SMOLLM2_DTYPE))"
+      fi ;;
+    kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
+    vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
+    bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
+    throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
+                  | tee "$OUT/bench_throughput.log" | tail -30 ;;
+    *) echo "unknown step $step"; status=2 ;;
+  esac
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || status=$rc
+  echo "== $step: exit $rc, $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+done
+exit $status

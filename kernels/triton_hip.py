@@ -1,0 +1,634 @@
+"""Triton kernels of HiP attention over vLLM's paged KV cache.
+
+Same conventions as ``kernels/reference.py`` (read its module docstring): paged caches
+``[num_blocks, page_size, Hkv, D]`` (any strides), ragged batches cut into query blocks, logical key blocks of
+``block_size_k`` positions independent of the page size, window start per query block, selection per KV-head
+group. Imports torch and triton only.
+
+Ops:
+
+* ``kv_write``: scatter new K/V rows into their cache slots (slot < 0 skipped).
+* ``hip_mask``: hierarchical top-k key-block selection (HiP v3), one program per (query block, KV head), all
+  rounds inside one launch (no host sync, CUDA-graph capturable).
+* ``hip_attention``: block-sparse FlashAttention over sink + selected blocks + sliding window, one KV load per
+  KV-head group (the G query heads x query rows share the M dimension of ``tl.dot``), with a split-K path and a
+  log-sum-exp merge for small grids (decode).
+
+Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors as well (the tests do that).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _p2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with an fp32 accumulator. IEEE: exact fp32 products (fp32 inputs). UPCAST: the interpreter's bf16
+    dot is broken (triton 3.9), so operands are widened to fp32 there (same values, exact products)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- KV write
+@triton.jit
+def _kv_write_kernel(
+    key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
+    sk0, sk1, sk2, sv0, sv1, sv2,
+    skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
+    page_size,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    s = tl.maximum(slot, 0)
+    blk = s // page_size
+    off = s % page_size
+    d = tl.arange(0, BD)
+    ok = (tl.zeros([BD], tl.int64) + slot) >= 0
+    kx = tl.load(key_ptr + t * sk0 + h * sk1 + d * sk2, mask=d < D)
+    tl.store(kc_ptr + blk * skc0 + off * skc1 + h * skc2 + d * skc3, kx.to(kc_ptr.dtype.element_ty), mask=(d < D) & ok)
+    dv = tl.arange(0, BDV)
+    okv = (tl.zeros([BDV], tl.int64) + slot) >= 0
+    vx = tl.load(value_ptr + t * sv0 + h * sv1 + dv * sv2, mask=dv < DV)
+    tl.store(vc_ptr + blk * svc0 + off * svc1 + h * svc2 + dv * svc3, vx.to(vc_ptr.dtype.element_ty), mask=(dv < DV) & okv)
+
+
+def kv_write(key, value, k_cache, v_cache, slot_mapping):
+    """Write ``key``/``value`` ``[T, H, D]`` into ``k_cache``/``v_cache`` at ``slot_mapping`` (< 0: skipped)."""
+    T, H, D = key.shape
+    DV = value.shape[-1]
+    if T == 0:
+        return
+    if key.dtype != k_cache.dtype:  # rare; one rounding rule (torch's) on every backend
+        key = key.to(k_cache.dtype)
+    if value.dtype != v_cache.dtype:
+        value = value.to(v_cache.dtype)
+    _kv_write_kernel[(T, H)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        *k_cache.stride(), *v_cache.stride(),
+        k_cache.shape[1],
+        D=D, DV=DV, BD=_p2(D), BDV=_p2(DV),
+        num_warps=1 if D <= 128 else 2,
+    )
+
+
+# ------------------------------------------------------------------------------------------ mask estimation
+@triton.jit
+def _hip_mask_kernel(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_ptr, hi_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    Hkv = tl.num_programs(1)
+    act = 1
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + qb).to(tl.int32)
+    if act != 0:
+        row = tl.load(out_row_ptr + qb).to(tl.int64)
+        out_base = out_ptr + row * so0 + h * so1
+        ws = tl.load(ws_ptr + qb)
+        begin = sink_tokens // BK
+        end = ws // BK
+        count = tl.maximum(end - begin, 0)
+        ar = tl.arange(0, N_PAD)
+        if count <= N:
+            vals = tl.where(ar < count, begin + ar, -1)
+            tl.store(out_base + ar * so2, vals.to(tl.int32), mask=ar < N)
+        else:
+            req = tl.load(qb_req_ptr + qb).to(tl.int64)
+            start = tl.load(qb_start_ptr + qb).to(tl.int64)
+            ln = tl.load(qb_len_ptr + qb)
+            pid = (qb * Hkv + h).to(tl.int64)
+            lo_s = lo_ptr + pid * N_PAD
+            hi_s = hi_ptr + pid * N_PAD
+            sc_s = score_ptr + pid * (2 * N_PAD)
+            # queries scored: rows m = g * NQ_P + j (head g of the group, j-th strided row from the end)
+            m = tl.arange(0, M_PAD)
+            g = m // NQ_P
+            j = m % NQ_P
+            off = ln - 1 - j * STRIDE
+            rvalid = (g < G) & (j < NQ) & (off >= 0)
+            t = start + tl.maximum(off, 0)
+            d = tl.arange(0, D)
+            qh = h * G + tl.minimum(g, G - 1)
+            qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
+                         mask=rvalid[:, None], other=0.0)
+            # initial groups
+            lo = begin + (ar * count) // N
+            hi = begin + ((ar + 1) * count) // N
+            tl.store(lo_s + ar, lo, mask=ar < N)
+            tl.store(hi_s + ar, hi, mask=ar < N)
+            size = (count + N - 1) // N
+            rounds = 0
+            while size > 1:
+                size = (size + 1) // 2
+                rounds += 1
+            CH: tl.constexpr = KROWS // BK
+            kr = tl.arange(0, KROWS)
+            ci2 = tl.arange(0, 2 * N_PAD)
+            for _r in range(rounds):
+                tl.debug_barrier()
+                # ---- score the 2N halves, KROWS key rows (CH candidates x BK keys) at a time
+                for c0 in range(0, 2 * N, CH):
+                    ci = c0 + kr // BK
+                    cv = ci < 2 * N
+                    gi = ci // 2
+                    side = ci % 2
+                    l = tl.load(lo_s + gi, mask=cv, other=0)
+                    hh = tl.load(hi_s + gi, mask=cv, other=1)
+                    split = hh - l > 1
+                    mid = (l + hh) // 2
+                    clo = tl.where(side == 1, mid, l)
+                    chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
+                    valid = cv & ((side == 0) | split)
+                    rep = tl.where(valid, (clo + chi - 1) // 2, clo)
+                    pos = rep * BK + kr % BK
+                    pos = tl.where(valid, pos, 0)
+                    phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
+                    kt = tl.load(k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2
+                                 + d[None, :] * sk3, mask=valid[:, None], other=0.0)
+                    s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+                    s = tl.where(rvalid[:, None], s, float("-inf"))
+                    srow = tl.max(s, axis=0)  # [KROWS]
+                    srow = tl.where(valid, srow, float("-inf"))
+                    if BK == 1:
+                        cs = srow
+                    else:
+                        cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+                    cc = c0 + tl.arange(0, CH)
+                    tl.store(sc_s + cc, cs, mask=cc < 2 * N)
+                tl.debug_barrier()
+                # ---- keep the N best halves (ties: lower position first), in position order
+                cvalid = ci2 < 2 * N
+                sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"))
+                gi2 = ci2 // 2
+                side2 = ci2 % 2
+                l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
+                h2 = tl.load(hi_s + gi2, mask=cvalid, other=1)
+                split2 = h2 - l2 > 1
+                mid2 = (l2 + h2) // 2
+                clo2 = tl.where(side2 == 1, mid2, l2)
+                chi2 = tl.where(side2 == 1, h2, tl.where(split2, mid2, h2))
+                srt = tl.sort(sc, descending=True)
+                thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
+                gt = sc > thr
+                n_gt = tl.sum(gt.to(tl.int32), axis=0)
+                eq = (sc == thr) & cvalid
+                eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+                sel = gt | (eq & (eq_rank <= N - n_gt))
+                slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.debug_barrier()
+                tl.store(lo_s + slot, clo2, mask=sel)
+                tl.store(hi_s + slot, chi2, mask=sel)
+            tl.debug_barrier()
+            res = tl.load(lo_s + ar, mask=ar < N, other=-1)
+            tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
+
+
+# Round-parallel variant: one launch per round, the 2n halves of every (qb, head) scored by many programs; the
+# last program to finish a (qb, head) (atomic counter) does that round's top-n. Same result as the one-launch
+# kernel above; far more parallel when QB * Hkv is small (decode) and more loads in flight for prefill.
+@triton.jit
+def _hip_mask_init_kernel(
+    qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr, lo_ptr, hi_ptr, cnt_ptr,
+    so0, so1, so2, sink_tokens,
+    N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    Hkv = tl.num_programs(1)
+    act = 1
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + qb).to(tl.int32)
+    if act != 0:
+        ws = tl.load(ws_ptr + qb)
+        begin = sink_tokens // BK
+        count = tl.maximum(ws // BK - begin, 0)
+        ar = tl.arange(0, N_PAD)
+        pid = (qb * Hkv + h).to(tl.int64)
+        tl.store(cnt_ptr + pid, 0)
+        if count <= N:
+            row = tl.load(out_row_ptr + qb).to(tl.int64)
+            vals = tl.where(ar < count, begin + ar, -1)
+            tl.store(out_ptr + row * so0 + h * so1 + ar * so2, vals.to(tl.int32), mask=ar < N)
+        else:
+            tl.store(lo_ptr + pid * N_PAD + ar, begin + (ar * count) // N, mask=ar < N)
+            tl.store(hi_ptr + pid * N_PAD + ar, begin + ((ar + 1) * count) // N, mask=ar < N)
+
+
+@triton.jit
+def _hip_mask_round_kernel(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size, rnd,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    qb = tl.program_id(0)
+    h = tl.program_id(1)
+    c = tl.program_id(2)
+    nch = tl.num_programs(2)
+    Hkv = tl.num_programs(1)
+    act = 1
+    if HAS_ACTIVE:
+        act = tl.load(active_ptr + qb).to(tl.int32)
+    ws = tl.load(ws_ptr + qb)
+    begin = sink_tokens // BK
+    count = tl.maximum(ws // BK - begin, 0)
+    size = (count + N - 1) // N
+    rounds = 0
+    while size > 1:
+        size = (size + 1) // 2
+        rounds += 1
+    if (act != 0) & (rnd < rounds):
+        req = tl.load(qb_req_ptr + qb).to(tl.int64)
+        start = tl.load(qb_start_ptr + qb).to(tl.int64)
+        ln = tl.load(qb_len_ptr + qb)
+        pid = (qb * Hkv + h).to(tl.int64)
+        lo_s = lo_in + pid * N_PAD
+        hi_s = hi_in + pid * N_PAD
+        sc_s = score_ptr + pid * (2 * N_PAD)
+        m = tl.arange(0, M_PAD)
+        g = m // NQ_P
+        j = m % NQ_P
+        off = ln - 1 - j * STRIDE
+        rvalid = (g < G) & (j < NQ) & (off >= 0)
+        t = start + tl.maximum(off, 0)
+        d = tl.arange(0, D)
+        qh = h * G + tl.minimum(g, G - 1)
+        qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
+                     mask=rvalid[:, None], other=0.0)
+        CH: tl.constexpr = KROWS // BK
+        kr = tl.arange(0, KROWS)
+        for cc0 in range(0, CPP):
+            c0 = (c * CPP + cc0) * CH
+            ci = c0 + kr // BK
+            cv = ci < 2 * N
+            gi = ci // 2
+            side = ci % 2
+            l = tl.load(lo_s + gi, mask=cv, other=0)
+            hh = tl.load(hi_s + gi, mask=cv, other=1)
+            split = hh - l > 1
+            mid = (l + hh) // 2
+            clo = tl.where(side == 1, mid, l)
+            chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
+            valid = cv & ((side == 0) | split)
+            rep = tl.where(valid, (clo + chi - 1) // 2, clo)
+            pos = tl.where(valid, rep * BK + kr % BK, 0)
+            phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
+            kt = tl.load(k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2
+                         + d[None, :] * sk3, mask=valid[:, None], other=0.0)
+            s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+            s = tl.where(rvalid[:, None], s, float("-inf"))
+            srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
+            if BK == 1:
+                cs = srow
+            else:
+                cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+            cc = c0 + tl.arange(0, CH)
+            tl.store(sc_s + cc, cs, mask=cc < 2 * N)
+        tl.debug_barrier()  # every thread's score stores precede the release below
+        done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if done == nch - 1:
+            tl.debug_barrier()
+            tl.store(cnt_ptr + pid, 0)
+            ci2 = tl.arange(0, 2 * N_PAD)
+            cvalid = ci2 < 2 * N
+            sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
+            gi2 = ci2 // 2
+            side2 = ci2 % 2
+            l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
+            h2 = tl.load(hi_s + gi2, mask=cvalid, other=1)
+            split2 = h2 - l2 > 1
+            mid2 = (l2 + h2) // 2
+            clo2 = tl.where(side2 == 1, mid2, l2)
+            chi2 = tl.where(side2 == 1, h2, tl.where(split2, mid2, h2))
+            srt = tl.sort(sc, descending=True)
+            thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
+            gt = sc > thr
+            n_gt = tl.sum(gt.to(tl.int32), axis=0)
+            eq = (sc == thr) & cvalid
+            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+            sel = gt | (eq & (eq_rank <= N - n_gt))
+            slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            if rnd == rounds - 1:
+                row = tl.load(out_row_ptr + qb).to(tl.int64)
+                tl.store(out_ptr + row * so0 + h * so1 + slot * so2, clo2.to(tl.int32), mask=sel)
+            else:
+                tl.store(lo_out + pid * N_PAD + slot, clo2, mask=sel)
+                tl.store(hi_out + pid * N_PAD + slot, chi2, mask=sel)
+
+
+def hip_mask(
+    q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *,
+    n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
+    out=None, out_row=None, active=None, single_launch: bool | None = None,
+):
+    """HiP v3 key-block selection, same result as ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
+
+    ``out``: preallocated ``[M, Hkv, n]`` int32; ``out_row`` int32 ``[QB]``: row of ``out`` written for each
+    query block (default ``arange``); ``active`` ``[QB]``: blocks with 0 write nothing. No host sync.
+
+    Default: one launch per refinement round (a static bound from the block table's width; blocks that need
+    fewer rounds exit early), each round scored by many programs per (qb, head). ``single_launch=True``: all
+    rounds in one program per (qb, head) (identical result; 12x slower for decode batch 1, ~12% faster for
+    long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
+    """
+    QB = qb_req.shape[0]
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    n = int(n_select)
+    assert D == _p2(D), "head size must be a power of two"
+    dev = q.device
+    if out is None:
+        out = torch.full((QB, Hkv, n), -1, dtype=torch.int32, device=dev)
+    if QB == 0:
+        return out
+    if out_row is None:
+        out_row = torch.arange(QB, dtype=torch.int32, device=dev)
+    n_pad = _p2(max(n, 1))
+    nq = (block_size_q + query_stride - 1) // query_stride
+    nq_p = _p2(nq)
+    m_pad = max(16, _p2(G * nq_p))
+    bk = int(block_size_k)
+    # 64-key chunks for decode-sized M; 32 for prefill (M = 128 rows): measured faster on H200 (run 1 vs run 2)
+    krows = max(64 if m_pad <= 64 else 32, bk, 16)
+    if D >= 256:
+        krows = max(32, bk)
+    if single_launch is None:
+        single_launch = QB * Hkv >= 4 * _num_sms(dev)
+    has_active = active is not None
+    act = active if has_active else qb_len
+    ieee = q.dtype == torch.float32
+    scratch_sc = torch.empty((QB * Hkv * 2 * n_pad,), dtype=torch.float32, device=dev)
+    if single_launch:
+        scratch_lo = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
+        scratch_hi = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
+        _hip_mask_kernel[(QB, Hkv)](
+            q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
+            out, out_row, act,
+            scratch_sc, scratch_lo, scratch_hi,
+            q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            int(sink_tokens), k_cache.shape[1],
+            G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
+            KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
+            num_warps=4 if m_pad * krows <= 64 * 64 else 8,
+        )
+        return out
+    # static bound on the rounds: the longest context the block table can address (no host sync)
+    max_count = max(0, (block_table.shape[1] * k_cache.shape[1]) // bk - int(sink_tokens) // bk)
+    n_rounds = 0
+    size = -(-max_count // max(n, 1))
+    while size > 1:
+        size = (size + 1) // 2
+        n_rounds += 1
+    lo = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev)
+    hi = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev)
+    cnt = torch.empty((QB * Hkv,), dtype=torch.int32, device=dev)
+    _hip_mask_init_kernel[(QB, Hkv)](
+        qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt,
+        out.stride(0), out.stride(1), out.stride(2), int(sink_tokens),
+        N=n, N_PAD=n_pad, BK=bk, HAS_ACTIVE=has_active, num_warps=1,
+    )
+    ch = krows // bk
+    total_chunks = triton.cdiv(2 * n, ch)
+    nch = max(1, min(total_chunks, triton.cdiv(16 * _num_sms(dev), QB * Hkv)))
+    cpp = triton.cdiv(total_chunks, nch)
+    nch = triton.cdiv(total_chunks, cpp)
+    for r in range(n_rounds):
+        a, b = r % 2, (r + 1) % 2
+        _hip_mask_round_kernel[(QB, Hkv, nch)](
+            q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
+            out, out_row, act,
+            scratch_sc, lo[a], hi[a], lo[b], hi[b], cnt,
+            q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
+            int(sink_tokens), k_cache.shape[1], r,
+            G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
+            KROWS=krows, CPP=cpp, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
+            num_warps=4 if m_pad * krows <= 64 * 64 else 8,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------ block-sparse attention
+@triton.jit
+def _hip_attn_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
+    o_ptr, po_ptr, plse_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
+    QB, T, Hq, sink_tokens, page_size, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    qb = QB - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    nsp = tl.num_programs(2)
+    req = tl.load(qb_req_ptr + qb).to(tl.int64)
+    start = tl.load(qb_start_ptr + qb)
+    ln = tl.load(qb_len_ptr + qb)
+    p0 = tl.load(qb_pos0_ptr + qb)
+    ws = tl.load(ws_ptr + qb)
+    irow = tl.load(idx_row_ptr + qb).to(tl.int64)
+    sink_eff = tl.minimum(sink_tokens, ws)
+    idx_base = idx_ptr + irow * si0 + h * si1
+    ar = tl.arange(0, N_PAD)
+    idxs = tl.load(idx_base + ar * si2, mask=ar < N, other=-1)
+    L_sel = tl.sum((idxs >= 0).to(tl.int32), axis=0) * BK
+    mm = tl.arange(0, M)
+    ii = mm // G
+    gg = mm % G
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    nb = tl.arange(0, BLOCK_N)
+    for sub in range(0, tl.cdiv(ln, QR)):
+        r0 = sub * QR
+        rvalid = (ii < QR) & (r0 + ii < ln)
+        trow = (start + r0 + tl.minimum(ii, QR - 1)).to(tl.int64)
+        qhead = h * G + gg
+        qpos = p0 + r0 + ii
+        qt = tl.load(q_ptr + trow[:, None] * sq0 + qhead[:, None] * sq1 + d[None, :] * sq2,
+                     mask=rvalid[:, None], other=0.0)
+        last_pos = p0 + tl.minimum(r0 + QR, ln) - 1
+        L_win = last_pos + 1 - ws
+        total = sink_eff + L_sel + L_win
+        n_tiles = tl.cdiv(total, BLOCK_N)
+        if SPLIT:
+            per = tl.cdiv(n_tiles, nsp)
+            t0 = sp * per
+            t1 = tl.minimum(t0 + per, n_tiles)
+        else:
+            t0 = 0
+            t1 = n_tiles
+        m_i = tl.full((M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((M,), tl.float32)
+        acc = tl.zeros((M, DV), tl.float32)
+        for tt in range(t0, t1):
+            vv = tt * BLOCK_N + nb
+            in_sink = vv < sink_eff
+            u = vv - sink_eff
+            in_sel = (u >= 0) & (u < L_sel)
+            uc = tl.maximum(u, 0)
+            blk = tl.load(idx_base + (uc // BK) * si2, mask=in_sel, other=0)
+            pos = tl.where(in_sink, vv, tl.where(in_sel, blk * BK + uc % BK, ws + (u - L_sel)))
+            kvalid = (vv < total) & ((~in_sel) | ((pos >= sink_eff) & (pos < ws)))
+            pos = tl.where(kvalid, pos, 0)
+            phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid, other=0).to(tl.int64)
+            poff = pos % page_size
+            kt = tl.load(k_ptr + phys[:, None] * sk0 + poff[:, None] * sk1 + h * sk2 + d[None, :] * sk3,
+                         mask=kvalid[:, None], other=0.0)
+            s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+            s = s * qk_scale
+            ok = kvalid[None, :] & (pos[None, :] <= qpos[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_sub[:, None])
+            alpha = tl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_ptr + phys[:, None] * sv0 + poff[:, None] * sv1 + h * sv2 + dv[None, :] * sv3,
+                         mask=kvalid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        if SPLIT:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            prow = (sp * T + trow) * Hq + qhead
+            tl.store(po_ptr + prow[:, None] * DV + dv[None, :], o, mask=rvalid[:, None])
+            tl.store(plse_ptr + prow, lse, mask=rvalid)
+        else:
+            tl.store(o_ptr + trow[:, None] * so0 + qhead[:, None] * so1 + dv[None, :] * so2,
+                     o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
+
+
+@triton.jit
+def _merge_kernel(po_ptr, plse_ptr, o_ptr, T, Hq, so0, so1, so2,
+                  S: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr):
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    dv = tl.arange(0, DV)
+    prow = (s * T + t) * Hq + hq
+    lse = tl.load(plse_ptr + prow, mask=s < S, other=float("-inf"))
+    mx = tl.max(lse, axis=0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp2(lse - mx)
+    po = tl.load(po_ptr + prow[:, None] * DV + dv[None, :], mask=(s < S)[:, None] & (w > 0)[:, None], other=0.0)
+    den = tl.sum(w, axis=0)
+    o = tl.sum(po * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(o_ptr + t * so0 + hq * so1 + dv * so2, o.to(o_ptr.dtype.element_ty))
+
+
+def hip_attention(
+    q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start, indices, *,
+    sink_tokens: int, block_size_k: int, scale: float, out=None, indices_row=None,
+    num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
+):
+    """Block-sparse attention, same result as ``hip_attention_reference``.
+
+    ``indices_row`` int32 ``[QB]``: row of ``indices`` used by each query block (default ``arange``).
+    ``num_splits``: split-K factor (default: automatic, > 1 only when the grid is small, e.g. decode).
+    ``block_size_q``: largest query-block length (a hint for the tile height; default: 1 if every block is one
+    row, i.e. ``T == QB``, else 64). No host sync.
+    """
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    DV = v_cache.shape[-1]
+    G = Hq // Hkv
+    QB = qb_req.shape[0]
+    dev = q.device
+    assert D == _p2(D) and DV == _p2(DV), "head sizes must be powers of two"
+    if out is None:
+        out = torch.empty(T, Hq, DV, dtype=q.dtype, device=dev)
+    if QB == 0:
+        return out
+    if indices_row is None:
+        indices_row = torch.arange(QB, dtype=torch.int32, device=dev)
+    n = indices.shape[-1]
+    max_len = 1 if T == QB else (block_size_q or 64)
+    m_cap = 128 if D <= 128 else 64
+    qr = max(1, min(m_cap // G if G <= m_cap else 1, _p2(max_len)))
+    M = max(16, _p2(qr * G))
+    if block_n is None:
+        block_n = 64 if D <= 128 else 32
+        if _INTERPRET:
+            block_n = 32
+    if num_splits is None:
+        base = QB * Hkv
+        target = 4 * _num_sms(dev)
+        # measured on H200, 128K/1M decode batch 1 (8 programs): S=4/8/16/32/64 -> 35/22/16/14/16 us
+        num_splits = 1 if base >= target // 2 else min(32, triton.cdiv(target, base))
+    S = int(num_splits)
+    ieee = q.dtype == torch.float32
+    if S > 1:
+        po = torch.empty((S * T * Hq * DV,), dtype=torch.float32, device=dev)
+        plse = torch.empty((S * T * Hq,), dtype=torch.float32, device=dev)
+    else:
+        po = plse = out
+    num_warps = 4 if M * max(D, DV) <= 64 * 128 else 8
+    _hip_attn_kernel[(QB, Hkv, S)](
+        q, k_cache, v_cache, block_table,
+        qb_req, qb_start, qb_len, qb_pos0, window_start, indices, indices_row,
+        out, po, plse,
+        q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
+        indices.stride(0), indices.stride(1), indices.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634,
+        G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
+        SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=2 if S > 1 else 3,
+    )
+    if S > 1:
+        _merge_kernel[(T, Hq)](po, plse, out, T, Hq, out.stride(0), out.stride(1), out.stride(2),
+                               S=S, S_PAD=_p2(S), DV=DV, num_warps=2)
+    return out
+
+
+def dense_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, scale, block_size_q=64,
+                    num_splits=None):
+    """Causal dense attention over the paged cache (HiP with every window starting at 0). Syncs once (host
+    block cut); use ``hip_attention`` directly with precomputed query blocks inside graphs."""
+    from .reference import make_query_blocks
+
+    qb = make_query_blocks(query_start_loc, seq_lens, block_size_q)
+    zeros = torch.zeros_like(qb[0])
+    idx = torch.full((qb[0].shape[0], k_cache.shape[2], 1), -1, dtype=torch.int32, device=q.device)
+    return hip_attention(q, k_cache, v_cache, block_table, seq_lens, *qb, zeros, idx, sink_tokens=0,
+                         block_size_k=1, scale=scale, num_splits=num_splits, block_size_q=block_size_q)

@@ -1,0 +1,81 @@
+"""HIP inside vLLM on a CUDA GPU (Triton kernels): skipped without a GPU; run by `make gpu-check`.
+
+Compared with vLLM's FLASH_ATTN on the same GPU, bf16, greedy.
+"""
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from conftest import run_vllm  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+HIP_ACTIVE = {"dense_layers": [], "k": 64, "block_size_k": 4, "block_size_q": 16, "query_stride": 2,
+              "sink_tokens": 8, "sliding_window": 48, "mask_refresh_interval": 4}
+
+
+def _spec(model, backend, hip, prompts, max_tokens=24, **engine):
+    eng = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "max_model_len": 4096}
+    eng.update(engine)
+    return {"model": model, "backend": backend, "hip": hip, "prompts": prompts, "max_tokens": max_tokens,
+            "engine": eng}
+
+
+@pytest.fixture(scope="module")
+def prompts(haystack):
+    return [haystack[:150], haystack[150:1450], haystack[1450:4850], haystack[4850:10450]]
+
+
+@pytest.fixture(scope="module")
+def flash(tiny_model, prompts):
+    return run_vllm(_spec(tiny_model, "FLASH_ATTN", None, prompts, max_num_batched_tokens=256,
+                          enforce_eager=True))["tokens"]
+
+
+def _agree(a, b):
+    """Fraction of requests whose greedy tokens agree entirely."""
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def test_all_dense_matches_flash_attn(tiny_model, prompts, flash):
+    hip = dict(HIP_ACTIVE, dense_layers=[0, 1])
+    got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True))["tokens"]
+    assert got == flash
+
+
+def test_exact_hip_matches_flash_attn(tiny_model, prompts, flash):
+    hip = dict(HIP_ACTIVE, k=4096)
+    got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True))["tokens"]
+    assert got == flash
+
+
+def test_cuda_graph_decode_equals_eager(tiny_model, prompts):
+    spec = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, enable_prefix_caching=False)
+    eager = run_vllm(dict(spec, engine=dict(spec["engine"], enforce_eager=True)))["tokens"]
+    graphs = run_vllm(dict(spec, engine=dict(spec["engine"], enforce_eager=False,
+                                             compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"})))["tokens"]
+    assert graphs == eager
+
+
+def test_smollm2_passkey_hip_answers_as_dense(haystack):
+    import assets
+
+    model = str(assets.smollm2_dir())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    cases = [assets.passkey_prompt(tok, 4000, d, 10000 + 7919 * i, haystack) for i, d in enumerate(depths)]
+    prompts = [c[0] for c in cases]
+    keys = [c[1] for c in cases]
+    eng = dict(max_model_len=8192, gpu_memory_utilization=0.3)
+    dense = run_vllm(_spec(model, "FLASH_ATTN", None, prompts, max_tokens=12, **eng), timeout=600)
+    hip = run_vllm(_spec(model, "HIP", {}, prompts, max_tokens=12, **eng), timeout=600)
+    dec = lambda ids: tok.decode(ids)  # noqa: E731
+    dense_ok = [assets.answer_ok(dec(t), k) for t, k in zip(dense["tokens"], keys)]
+    hip_ok = [assets.answer_ok(dec(t), k) for t, k in zip(hip["tokens"], keys)]
+    print("dense", dense_ok, "hip", hip_ok)
+    assert sum(dense_ok) >= 3
+    assert sum(h for h, d in zip(hip_ok, dense_ok) if d) >= sum(dense_ok) - 1

@@ -1,0 +1,303 @@
+"""Triton HiP kernels (kernels/triton_hip.py) against the plain-torch reference.
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors at small shapes;
+with CUDA they run compiled on the GPU, and the ``cuda``-only tests add real sizes. Fresh random inputs every
+test; output buffers are poisoned (NaN / sentinel) before each run. Skipped when triton is missing.
+
+Tolerances, as ||out - ref|| / ||ref|| (reference: fp32 math on the same rounded inputs):
+fp32 inputs 1e-5 (ieee dots), fp16 5e-3, bf16 2e-2 (P is rounded to the input dtype before the PV product).
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # must be set before triton is first imported (triton's own jit helpers, e.g. tl.sort, are built then)
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this file with "
+                    "TRITON_INTERPRET=1 on CPU-only machines", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+import kernels.triton_hip as th  # noqa: E402
+
+if th._INTERPRET != (not CUDA):  # imported earlier with the other mode: rebuild our jit functions
+    th = importlib.reload(th)
+
+from kernels.reference import (  # noqa: E402
+    hip_attention_reference,
+    hip_mask_reference,
+    kv_write_reference,
+    make_query_blocks,
+    window_starts,
+)
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+cuda_only = pytest.mark.skipif(not CUDA, reason="real sizes need CUDA")
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite (unwritten?) output"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _problem(seq_lens, q_lens, Hq, Hkv, D, page, dtype, seed, spare_blocks=3):
+    g = torch.Generator().manual_seed(seed)
+    B = len(seq_lens)
+    per = max((s + page - 1) // page for s in seq_lens)
+    nblocks = B * per + spare_blocks
+    # vLLM-like strided cache: [nb, Hkv, page, 2D] viewed as [nb, page, Hkv, D]
+    raw = torch.randn(nblocks, Hkv, page, 2 * D, generator=g).to(dtype).to(DEV)
+    kc = raw[..., :D].permute(0, 2, 1, 3)
+    vc = raw[..., D:].permute(0, 2, 1, 3)
+    bt = torch.randperm(nblocks, generator=g)[: B * per].view(B, per).to(torch.int32).to(DEV)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = torch.randn(int(sum(q_lens)), Hq, D, generator=g).to(dtype).to(DEV)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    return q, kc, vc, bt, qsl, seq
+
+
+# ---------------------------------------------------------------------------------------------- kv_write
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 64])
+def test_kv_write(dtype, page):
+    g = torch.Generator().manual_seed(page)
+    H, D, nb, T = 4, 64, 6, 37
+    raw = torch.randn(nb, H, page, 2 * D, generator=g).to(dtype).to(DEV)
+    kc = raw[..., :D].permute(0, 2, 1, 3)
+    vc = raw[..., D:].permute(0, 2, 1, 3)
+    key = torch.randn(T, H, D, generator=g).to(DEV)  # fp32 in, cast on write
+    value = torch.randn(T, 2 * H, D, generator=g).to(DEV)[:, ::2]  # strided input
+    slots = torch.randperm(nb * page, generator=g)[:T].to(torch.int64)
+    slots[::5] = -1
+    slots = slots.to(DEV)
+    raw_ref = raw.clone()
+    kr = raw_ref[..., :D].permute(0, 2, 1, 3)
+    vr = raw_ref[..., D:].permute(0, 2, 1, 3)
+    kv_write_reference(key, value, kr, vr, slots)
+    th.kv_write(key, value, kc, vc, slots)
+    assert torch.equal(raw, raw_ref)
+
+
+# ---------------------------------------------------------------------------------------------- hip_mask
+def _mask_case(seq, q_lens, Hq, Hkv, D, page, dtype, bk, n, bq, stride, sink, window, seed):
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed)
+    qb = make_query_blocks(qsl, seql, bq)
+    ws = window_starts(qb[3], window, bk)
+    kw = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=stride)
+    ref = hip_mask_reference(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw)
+    return q, kc, bt, qb, ws, kw, ref
+
+
+def _assert_mask_equal(got, ref, max_mismatch_frac=0.0):
+    rows_equal = (got == ref).all(-1)
+    frac = 1.0 - rows_equal.float().mean().item()
+    assert frac <= max_mismatch_frac, f"{frac:.3f} of (qb, head) rows differ\n{got[~rows_equal][:4]}\n{ref[~rows_equal][:4]}"
+
+
+MASK_CASES = [
+    # Hq, Hkv, D, page, dtype, bk, n, bq, stride
+    (4, 4, 32, 16, torch.float32, 2, 8, 8, 2),
+    (4, 2, 32, 32, torch.float32, 1, 16, 4, 1),
+    (8, 2, 64, 16, torch.bfloat16, 4, 8, 8, 2),
+    (8, 1, 32, 64, torch.float16, 8, 4, 16, 4),
+    (16, 2, 32, 128, torch.float32, 16, 4, 4, 1),
+    (4, 1, 32, 16, torch.bfloat16, 64, 2, 8, 2),
+]
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["rounds", "single"])
+@pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"G{c[0]//c[1]}-D{c[2]}-p{c[3]}-{str(c[4])[6:]}-bk{c[5]}-n{c[6]}")
+def test_hip_mask_matches_reference(case, single):
+    Hq, Hkv, D, page, dtype, bk, n, bq, stride = case
+    sink, window = 4, 3 * bk + 5
+    # ragged, unaligned; mixed decode (q_len 1) and prefill; one request with no candidates
+    L = n * bk
+    seq = [7 * L + 13, 3 * L + 5, 20 * L + 3, 9]
+    q_lens = [1, 2 * bq + 3, 1, 9]
+    q, kc, bt, qb, ws, kw, ref = _mask_case(seq, q_lens, Hq, Hkv, D, page, dtype, bk, n, bq, stride, sink, window,
+                                            seed=bk * 7 + n)
+    got = torch.full_like(ref, -5)
+    th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=got, single_launch=single, **kw)
+    _assert_mask_equal(got, ref, 0.0 if dtype == torch.float32 else 0.05)
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["rounds", "single"])
+def test_hip_mask_out_row_active(single):
+    Hq, Hkv, D, page, bk, n, bq = 4, 2, 32, 16, 2, 8, 4
+    q, kc, bt, qb, ws, kw, ref = _mask_case([300, 90, 171], [1, 1, 1], Hq, Hkv, D, page, torch.float32, bk, n, bq,
+                                            1, 4, 16, seed=5)
+    QB = qb[0].shape[0]
+    out = torch.full((7, Hkv, n), -7, dtype=torch.int32, device=DEV)
+    out_row = torch.tensor([5, 1, 3], dtype=torch.int32, device=DEV)
+    active = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEV)
+    res = th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=out, out_row=out_row, active=active,
+                      single_launch=single, **kw)
+    assert res is out
+    assert torch.equal(out[5], ref[0]) and torch.equal(out[3], ref[2])
+    for r in (0, 1, 2, 4, 6):
+        assert (out[r] == -7).all()
+    assert QB == 3
+
+
+def test_hip_mask_planted_needle():
+    g = torch.Generator().manual_seed(3)
+    Hq, Hkv, D, page, bk, n, sink, window, bq = 8, 2, 32, 16, 2, 16, 4, 64, 4
+    L = 1500
+    q, kc, vc, bt, qsl, seq = _problem([L, 900], [bq, 1], Hq, Hkv, D, page, torch.float32, seed=9)
+    kc.mul_(0.3)
+    qb = make_query_blocks(qsl, seq, bq)
+    ws = window_starts(qb[3], window, bk)
+    G = Hq // Hkv
+    needles = {}
+    for i in range(qb[0].shape[0]):
+        r = int(qb[0][i])
+        begin, end = sink // bk, int(ws[i]) // bk
+        group = (end - begin) // n
+        for h in range(Hkv):
+            nb = int(torch.randint(begin + group, end - group, (1,), generator=g))
+            needles[i, h] = nb
+            rows = q[int(qb[1][i]) : int(qb[1][i]) + int(qb[2][i]), h * G : (h + 1) * G].float()
+            direction = rows.mean((0, 1))
+            direction = direction / direction.norm()
+            for t in range((nb - group // 2) * bk, (nb + group // 2 + 1) * bk):
+                w = 1.0 - abs(t / bk - nb) / (group / 2 + 1)
+                kc[bt[r, t // page], t % page, h] += 6.0 * w * direction.to(kc.dtype)
+    kw = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=1)
+    got = th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw)
+    for (i, h), nb in needles.items():
+        assert nb in got[i, h].tolist()
+    _assert_mask_equal(got, hip_mask_reference(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw))
+
+
+# ----------------------------------------------------------------------------------------- hip_attention
+def _random_indices(qb, ws, Hkv, n, bk, sink, seed):
+    g = torch.Generator().manual_seed(seed)
+    QB = qb[0].shape[0]
+    idx = torch.full((QB, Hkv, n), -1, dtype=torch.int32)
+    wsl = ws.tolist()
+    for i in range(QB):
+        lo, hi = sink // bk, wsl[i] // bk
+        for h in range(Hkv):
+            if hi > lo:
+                k = int(torch.randint(0, min(n, hi - lo) + 1, (1,), generator=g))
+                pick = sorted((torch.randperm(hi - lo, generator=g)[:k] + lo).tolist())
+                idx[i, h, : len(pick)] = torch.tensor(pick, dtype=torch.int32)
+    return idx.to(DEV)
+
+
+ATTN_CASES = [
+    # Hq, Hkv, D, page, dtype, bk, n, splits
+    (4, 4, 32, 16, torch.float32, 2, 6, None),
+    (4, 2, 64, 32, torch.bfloat16, 1, 8, 1),
+    (8, 2, 32, 16, torch.float16, 4, 5, 3),
+    (8, 1, 128, 64, torch.bfloat16, 16, 3, None),
+    (16, 2, 32, 128, torch.float32, 8, 4, 2),
+    (2, 1, 256, 16, torch.bfloat16, 64, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"G{c[0]//c[1]}-D{c[2]}-p{c[3]}-{str(c[4])[6:]}-bk{c[5]}-s{c[7]}")
+def test_hip_attention_matches_reference(case):
+    Hq, Hkv, D, page, dtype, bk, n, splits = case
+    sink, window, bq = 3, 2 * bk + 7, 8
+    small = D >= 256
+    seq = [5 * n * bk + 29, 50, 3 * n * bk + 11] if not small else [3 * n * bk + 5, 40]
+    q_lens = [bq + 5, 1, 1] if not small else [3, 1]
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed=D + bk)
+    qb = make_query_blocks(qsl, seql, bq)
+    ws = window_starts(qb[3], window, bk)
+    idx = _random_indices(qb, ws, Hkv, n, bk, sink, seed=bk)
+    scale = D ** -0.5
+    kw = dict(sink_tokens=sink, block_size_k=bk, scale=scale)
+    ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **kw)
+    out = torch.full_like(q, float("nan"))
+    got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=out, num_splits=splits, block_size_q=bq, **kw)
+    assert got is out
+    assert _rel(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hip_attention_dense_and_indices_row(dtype):
+    """window_start 0 (dense FlashAttention over the paged cache), and decode rows reading a mask cache."""
+    Hq, Hkv, D, page, bk, n, sink = 8, 2, 64, 16, 2, 4, 2
+    seq, q_lens = [77, 130, 33], [20, 1, 1]
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed=21)
+    qb = make_query_blocks(qsl, seql, 16)
+    zeros = torch.zeros_like(qb[0])
+    idx = torch.full((qb[0].shape[0], Hkv, 1), -1, dtype=torch.int32, device=DEV)
+    kw = dict(sink_tokens=0, block_size_k=1, scale=D ** -0.5)
+    ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, zeros, idx, **kw)
+    out = torch.full_like(q, float("nan"))
+    th.hip_attention(q, kc, vc, bt, seql, *qb, zeros, idx, out=out, **kw)
+    assert _rel(out, ref) < TOL[dtype]
+    # decode-only batch with masks in a per-request cache of 5 rows
+    dq = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEV)
+    dseq = torch.tensor([200, 150, 97], dtype=torch.int32, device=DEV)
+    q2, kc2, vc2, bt2, qsl2, seq2 = _problem(dseq.tolist(), [1, 1, 1], Hq, Hkv, D, page, dtype, seed=22)
+    qb2 = make_query_blocks(dq, seq2, 16)
+    ws2 = window_starts(qb2[3], 16, bk)
+    cache = torch.full((5, Hkv, n), -1, dtype=torch.int32, device=DEV)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32, device=DEV)
+    idx2 = _random_indices(qb2, ws2, Hkv, n, bk, sink, seed=3)
+    cache[rows.long()] = idx2
+    kw2 = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
+    ref2 = hip_attention_reference(q2, kc2, vc2, bt2, seq2, *qb2, ws2, idx2, **kw2)
+    for splits in (None, 1, 4):
+        out2 = torch.full_like(q2, float("nan"))
+        th.hip_attention(q2, kc2, vc2, bt2, seq2, *qb2, ws2, cache, indices_row=rows, out=out2, num_splits=splits,
+                         **kw2)
+        assert _rel(out2, ref2) < TOL[dtype]
+
+
+def test_mask_then_attention_pipeline():
+    """hip_mask output fed to hip_attention equals the reference pipeline (mixed decode + prefill)."""
+    Hq, Hkv, D, page, bk, n, bq, sink, window = 8, 2, 32, 16, 2, 8, 8, 4, 16
+    seq, q_lens = [260, 181, 120], [1, 17, 1]
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, torch.bfloat16, seed=33)
+    qb = make_query_blocks(qsl, seql, bq)
+    ws = window_starts(qb[3], window, bk)
+    mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=2)
+    idx = th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, **mk)
+    ak = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
+    ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, hip_mask_reference(q, kc, bt, *qb[:3], ws, **mk), **ak)
+    got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, **ak)
+    assert _rel(got, ref) < TOL[torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------- real sizes (GPU)
+@cuda_only
+@pytest.mark.parametrize("G", [1, 2, 4, 8])
+def test_cuda_real_sizes(G):
+    Hkv, D, page, bk, n, bq, sink, window = 2, 128, 16, 2, 256, 64, 128, 1024
+    Hq = G * Hkv
+    seq, q_lens = [20000, 9000, 3001], [1, 200, 1]
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, torch.bfloat16, seed=G)
+    qb = make_query_blocks(qsl, seql, bq)
+    ws = window_starts(qb[3], window, bk)
+    mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=2)
+    ref_idx = hip_mask_reference(q, kc, bt, *qb[:3], ws, **mk)
+    out = torch.full((qb[0].shape[0], Hkv, n), -9, dtype=torch.int32, device=DEV)
+    idx = th.hip_mask(q, kc, bt, *qb[:3], ws, out=out, **mk)
+    _assert_mask_equal(idx, ref_idx, 0.1)
+    idx1 = th.hip_mask(q, kc, bt, *qb[:3], ws, out=torch.full_like(out, -9), single_launch=True, **mk)
+    _assert_mask_equal(idx1, idx, 0.0)  # the two paths agree bit for bit
+    ak = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
+    ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, ref_idx, **ak)
+    got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, ref_idx, out=torch.full_like(q, float("nan")), **ak)
+    assert _rel(got, ref) < TOL[torch.bfloat16]
+    zeros = torch.zeros_like(qb[0])
+    nidx = torch.full((qb[0].shape[0], Hkv, 1), -1, dtype=torch.int32, device=DEV)
+    dk = dict(sink_tokens=0, block_size_k=1, scale=D ** -0.5)
+    ref_d = hip_attention_reference(q, kc, vc, bt, seql, *qb, zeros, nidx, **dk)
+    got_d = th.hip_attention(q, kc, vc, bt, seql, *qb, zeros, nidx, out=torch.full_like(q, float("nan")), **dk)
+    assert _rel(got_d, ref_d) < TOL[torch.bfloat16]
