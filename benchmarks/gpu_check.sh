@@ -23,11 +23,15 @@ for step in $steps; do
   start=$(date +%s)
   case $step in
     install)
-      python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$SITE" . 2>&1 | tail -3
+      # A wheel built beforehand (pip wheel --no-deps -w .gpu-assets .) installs without build tools.
+      src=$(ls .gpu-assets/vllm_hip-*.whl 2>/dev/null | head -1)
+      python3 -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "${src:-.}" 2>&1 \
+        | grep -v "RECORD line" | tail -20
       if [ -n "${SMOLLM2_GGUF:-}" ] && [ ! -d .cache/smollm2 ]; then
         python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import assets; from pathlib import Path; \
 assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gguf(Path('$SMOLLM2_GGUF'), t, assets.SMOLLM2_DTYPE))"
-      fi ;;
+      fi
+      python3 -c "import vllm_hip.kernels.triton_hip" ;;
     kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
     bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;

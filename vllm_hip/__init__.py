@@ -10,6 +10,15 @@ engine core, workers, Ray actors) and:
 """
 from __future__ import annotations
 
+import os as _os
+
+# Installed, `kernels/` is the subpackage vllm_hip.kernels (setup.py's package_dir). In a source checkout it
+# sits beside this package: let the same import find it there, so the tree runs without installing.
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_root = _os.path.dirname(_here)
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(_os.path.join(_root, "kernels", "reference.py")):
+    __path__.append(_root)  # noqa: F821  (package __path__)
+
 BACKEND_NAME = "HIP"
 BACKEND_PATH = "vllm_hip.backend.HipAttentionBackend"
 
