@@ -58,6 +58,16 @@ def test_exact_hip_matches_cpu_backend(tiny_model, prompts, dense_chunked):
     assert got == dense_chunked
 
 
+def test_triton_kernels_in_engine_match_cpu_backend(tiny_model, prompts, dense_chunked):
+    """The CUDA code path (Triton kernels, run by Triton's interpreter on CPU) inside the engine: exact HiP
+    over chunked prefill and mixed prefill/decode batches reproduces dense attention."""
+    spec = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, k=4096), prompts[:2], max_num_batched_tokens=128)
+    spec["max_tokens"] = 8
+    spec["force_triton"] = True
+    got = run_vllm(spec)["tokens"]
+    assert got == [t[:8] for t in dense_chunked[:2]]
+
+
 def test_pruning_hip_changes_long_outputs_only(tiny_model, prompts, dense_chunked):
     """With real pruning, the short prompt (below sink + window + k) is untouched, and the run completes
     through chunked prefill and mixed batches with every token id in range."""

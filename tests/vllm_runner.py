@@ -8,13 +8,22 @@ kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
 * ``generate``: one ``llm.generate`` over all prompts;
 * ``staggered``: prompt i joins the running engine after ``join_after[i]`` engine steps, so prefills of
   new requests share steps with decodes of running ones (mixed batches, requests joining and leaving).
+``force_triton``: run HIP's Triton kernels (the CUDA path) on CPU under the Triton interpreter.
 """
 import json
+import os
 import sys
 import time
 
 
 def run(spec: dict) -> dict:
+    if spec.get("force_triton"):
+        # The CUDA code path (Triton kernels) on CPU tensors, through Triton's interpreter: lets CPU CI run
+        # the GPU kernels inside the engine. Must be set before triton is imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+        import vllm_hip.ops as ops
+
+        ops._use_triton = lambda t: True
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], enforce_eager=True, seed=0, dtype="float32", max_model_len=2048)

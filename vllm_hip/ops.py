@@ -1,7 +1,8 @@
-"""Dispatch of the HiP ops: Triton kernels for CUDA tensors, the torch reference elsewhere (CPU).
+"""Dispatch of the HiP ops: Triton kernels for CUDA tensors; on CPU the torch reference for mask estimation
+and KV writes, and the vectorised torch attention (``kernels/torch_hip.py``).
 
-Both paths take the same arguments, so the backend is written once. The reference path may sync the
-host (it runs on CPU, where that costs nothing); the Triton path never does.
+All paths take the same arguments, so the backend is written once. The CPU paths may sync the host (on CPU
+that costs nothing); the Triton path never does.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 import torch
 
 from vllm_hip.kernels import reference as ref
+from vllm_hip.kernels import torch_hip
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,8 +66,6 @@ def attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_l
                                        qb_pos0, window_start, indices, sink_tokens=sink_tokens,
                                        block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row,
                                        block_size_q=max_qb_len)
-    if indices_row is not None:
-        indices = indices[indices_row.long()]
-    return ref.hip_attention_reference(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
-                                       qb_pos0, window_start, indices, sink_tokens=sink_tokens,
-                                       block_size_k=block_size_k, scale=scale, out=out)
+    return torch_hip.hip_attention_torch(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
+                                         qb_pos0, window_start, indices, sink_tokens=sink_tokens,
+                                         block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row)
