@@ -31,7 +31,7 @@ def _attend_chunk(q, k_cache, v_cache, block_table, seq_lens, req, start, length
     sink_ok = sink_t < torch.clamp(ws64, max=S)[:, None]
     sel_t = (idx.long()[..., None] * bk + torch.arange(bk, device=dev)).reshape(C, Hkv, n * bk)
     sel_ok = (idx.long()[..., None] >= 0).expand(C, Hkv, n, bk).reshape(C, Hkv, n * bk)
-    sel_ok &= (sel_t >= torch.clamp(ws64, max=S)[:, None, None]) & (sel_t < ws64[:, None, None])
+    sel_ok = sel_ok & (sel_t >= torch.clamp(ws64, max=S)[:, None, None]) & (sel_t < ws64[:, None, None])
     wlen = int((pos64 + len64 - ws64).max())
     win_t = ws64[:, None] + torch.arange(max(wlen, 0), device=dev)
     win_ok = win_t < (pos64 + len64)[:, None]

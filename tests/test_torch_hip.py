@@ -59,3 +59,18 @@ def test_indices_row_and_inert_blocks():
                         indices_row=rows)
     assert torch.isnan(out[1]).all()
     assert torch.allclose(out[[0, 2]], ref[[0, 2]], atol=1e-6, rtol=1e-5)
+
+
+def test_dense_layer_call_with_shared_empty_mask_row():
+    """Dense layers pass one shared all -1 mask row ([1, Hkv, 1]) for every block and window_start 0."""
+    q, kc, vc, bt, qsl, seq = _problem([300, 90], [120, 1], 4, 2, 32, 128, torch.bfloat16, seed=7)
+    qb = make_query_blocks(qsl, seq, 64)
+    zeros = torch.zeros_like(qb[0])
+    no_idx = torch.full((1, 2, 1), -1, dtype=torch.int32)
+    ref = hip_attention_reference(q, kc, vc, bt, seq, *qb, zeros, no_idx[zeros.long()], sink_tokens=16,
+                                  block_size_k=2, scale=0.2)
+    out = torch.full_like(q, float("nan"))
+    hip_attention_torch(q, kc, vc, bt, seq, *qb, zeros, no_idx, sink_tokens=16, block_size_k=2, scale=0.2,
+                        out=out, indices_row=zeros)
+    err = float((out.double() - ref.double()).norm() / ref.double().norm())
+    assert err < 4e-3
