@@ -31,21 +31,27 @@ NEG_INF = float("-inf")
 
 # --------------------------------------------------------------------------------------------- layout
 def make_query_blocks(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_size_q: int):
-    """Cut a ragged batch into query blocks.
+    """Cut a ragged batch into query blocks aligned to absolute positions.
 
+    Block boundaries sit at positions that are multiples of ``block_size_q``, so a prompt cut into chunks at
+    multiples of ``block_size_q`` (or not chunked at all) gets the same blocks, hence the same masks. A chunk
+    that starts or ends inside a block yields a partial block there.
     Returns int32 tensors ``(qb_req, qb_start, qb_len, qb_pos0)``: the request, first query row, number of
     rows and position of the first row of every query block, in request order.
     """
     qsl = query_start_loc.long()
     q_lens = qsl[1:] - qsl[:-1]
-    nqb = (q_lens + block_size_q - 1) // block_size_q
+    p_start = seq_lens.long() - q_lens  # position of each request's first row this step
+    lead = p_start % block_size_q  # rows of the first block that belong to an earlier step
+    nqb = torch.where(q_lens > 0, (lead + q_lens + block_size_q - 1) // block_size_q, torch.zeros_like(q_lens))
     qb_req = torch.repeat_interleave(torch.arange(len(q_lens), device=qsl.device), nqb)
     first_qb = torch.cumsum(nqb, 0) - nqb
     j = torch.arange(len(qb_req), device=qsl.device) - first_qb[qb_req]
-    qb_start = qsl[qb_req] + j * block_size_q
-    qb_len = torch.clamp(q_lens[qb_req] - j * block_size_q, max=block_size_q)
-    qb_pos0 = seq_lens.long()[qb_req] - q_lens[qb_req] + j * block_size_q
-    return tuple(t.to(torch.int32) for t in (qb_req, qb_start, qb_len, qb_pos0))
+    lo = torch.clamp(j * block_size_q - lead[qb_req], min=0)  # first row of the block, relative to the request
+    hi = torch.clamp((j + 1) * block_size_q - lead[qb_req], max=q_lens[qb_req])
+    qb_start = qsl[qb_req] + lo
+    qb_pos0 = p_start[qb_req] + lo
+    return tuple(t.to(torch.int32) for t in (qb_req, qb_start, hi - lo, qb_pos0))
 
 
 def window_starts(pos0: torch.Tensor, window: int, block_size_k: int) -> torch.Tensor:

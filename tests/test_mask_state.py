@@ -1,4 +1,4 @@
-"""Decode mask state: refresh schedule, reuse, and isolation between requests (no vLLM needed)."""
+"""Decode mask state: refresh schedule, reuse, isolation between requests (no vLLM needed)."""
 import torch
 
 from vllm_hip.mask_state import DecodeMaskState
@@ -6,8 +6,8 @@ from vllm_hip.mask_state import DecodeMaskState
 PAGE = 16
 
 
-def make(interval=4, slots=8, dense_below=0, window=32, bk=4):
-    return DecodeMaskState(slots, 4, "cpu", page_size=PAGE, window=window, block_size_k=bk,
+def make(interval=4, slots=8, dense_below=0, window=32, bk=4, num_blocks=64):
+    return DecodeMaskState(slots, num_blocks, "cpu", page_size=PAGE, window=window, block_size_k=bk,
                            interval=interval, dense_below=dense_below)
 
 
@@ -16,68 +16,88 @@ def table(*rows):
     return torch.tensor([list(r) + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
 
 
+def step(st, bt, lens, reqs=None, prompt_step=None):
+    reqs = torch.arange(len(lens)) if reqs is None else torch.tensor(reqs)
+    return st.plan(bt, torch.tensor(lens), reqs, prompt_step)
+
+
 def test_refresh_every_interval_steps_and_reuse_in_between():
     st = make(interval=4)
     bt = table([3, 9, 11, 12, 13, 14])
-    seen = []
-    for L in range(40, 52):
-        p = st.plan(bt, torch.tensor([L]), torch.tensor([0]))
-        seen.append(bool(p.refresh[0]))
-        assert int(p.row[0]) == 3 % 8
+    seen = [bool(step(st, bt, [L]).refresh[0]) for L in range(40, 52)]
     assert seen == [True, False, False, False] * 3
+
+
+def test_slot_follows_the_request_across_pages():
+    st = make(interval=8)
+    bt = table([3, 9, 11, 12])
+    rows = [int(step(st, bt, [L]).row[0]) for L in range(30, 38)]  # crosses from page 1 to page 2 at L=33
+    assert len(set(rows)) == 1
+    assert [bool(step(st, bt, [L]).refresh[0]) for L in range(38, 40)] == [True, False]
 
 
 def test_window_start_is_fixed_at_refresh_and_kept_while_reusing():
     st = make(interval=4, window=32, bk=4)
     bt = table([3, 9, 11, 12, 13, 14])
-    ws = [int(st.plan(bt, torch.tensor([L]), torch.tensor([0])).window_start[0]) for L in range(61, 66)]
-    # refresh at L=61: last query position 60 -> (60-32)//4*4 = 28; reused for L=62..64; refresh at 65.
+    ws = [int(step(st, bt, [L]).window_start[0]) for L in range(61, 66)]
+    # refresh at L=61: last position 60 -> (60-32)//4*4 = 28; reused for L=62..64; refresh at 65.
     assert ws == [28, 28, 28, 28, 32]
 
 
-def test_prefill_invalidates_so_a_recycled_first_block_never_inherits_a_mask():
+def test_requests_sharing_a_prefix_keep_separate_slots_and_schedules():
+    """n > 1 / a common system prompt: same first blocks, private last blocks."""
+    st = make(interval=4)
+    bt = table([1, 2, 5], [1, 2, 6], [1, 2, 7])
+    plans = [step(st, bt, [40, 40, 40]) for _ in range(1)]
+    assert len(set(plans[0].row.tolist())) == 3 and plans[0].refresh.all()
+    for L in range(41, 44):
+        p = step(st, bt, [L, L, L])
+        assert not p.refresh.any() and p.row.tolist() == plans[0].row.tolist()
+
+
+def test_schedule_does_not_depend_on_other_requests():
+    st = make(interval=4)
+    alone, mixed = [], []
+    a = table([3, 4, 5])
+    for L in range(33, 41):
+        alone.append(bool(step(st, a, [L]).refresh[0]))
+    st = make(interval=4)
+    both = table([3, 4, 5], [6, 7, 8], [9, 10, 11])
+    for i, L in enumerate(range(33, 41)):
+        others = [20 + i, 25 + i] if i % 2 else [20 + i]
+        bt = both if i % 2 else both[:2]
+        mixed.append(bool(step(st, bt, [L] + others).refresh[0]))
+    assert mixed == alone == [True, False, False, False] * 2
+
+
+def test_prefill_of_a_recycled_block_drops_the_old_mask():
     st = make(interval=8)
     bt = table([5, 6, 7])
-    st.plan(bt, torch.tensor([40]), torch.tensor([0]))  # request A refreshes, owns slot of block 5
-    assert not bool(st.plan(bt, torch.tensor([41]), torch.tensor([0])).refresh[0])
-    # A finishes; request B gets the same blocks and prefills 41 tokens, then decodes at 42.
-    st.invalidate(bt, torch.tensor([0]))
-    assert bool(st.plan(bt, torch.tensor([42]), torch.tensor([0])).refresh[0])
+    step(st, bt, [40])
+    assert not bool(step(st, bt, [41]).refresh[0])
+    # The request finishes; a new one gets the same blocks and prefills 41 tokens, then decodes at 42.
+    st.invalidate(bt, torch.tensor([41]), torch.tensor([0]))
+    assert bool(step(st, bt, [42]).refresh[0])
 
 
-def test_anchor_mismatch_forces_refresh():
+def test_prompt_steps_never_reuse():
     st = make(interval=8)
-    st.plan(table([5, 6, 7]), torch.tensor([40]), torch.tensor([0]))
-    # Same first block but a different block at the refresh position: another request's history.
-    assert bool(st.plan(table([5, 6, 99]), torch.tensor([41]), torch.tensor([0])).refresh[0])
+    bt = table([5, 6, 7])
+    step(st, bt, [40])
+    p = step(st, bt, [41], prompt_step=torch.tensor([True]))
+    assert bool(p.refresh[0])
 
 
-def test_colliding_requests_in_one_batch_use_private_rows():
-    st = make(interval=8, slots=8)
-    bt = table([3, 4], [11, 12], [6, 7])  # 3 and 11 share slot 3
-    p = st.plan(bt, torch.tensor([20, 20, 20]), torch.tensor([0, 1, 2]))
-    rows = p.row.tolist()
-    assert rows[0] >= 8 and rows[1] >= 8 and rows[0] != rows[1] and rows[2] == 6
-    p2 = st.plan(bt, torch.tensor([21, 21, 21]), torch.tensor([0, 1, 2]))
-    assert p2.refresh.tolist() == [True, True, False]
+def test_freed_slots_are_reused_and_never_shared_in_a_step():
+    st = make(interval=8, slots=3)
+    for i in range(5):  # requests come and go: 3 at a time on 3 slots
+        bt = table([10 * i + 1, 10 * i + 2], [10 * i + 3, 10 * i + 4], [10 * i + 5, 10 * i + 6])
+        p = step(st, bt, [20, 20, 20])
+        assert sorted(p.row.tolist()) == [0, 1, 2] and p.refresh.all()
 
 
-def test_other_requests_do_not_disturb_a_requests_schedule():
-    st = make(interval=4)
-    a = table([3, 4, 5])
-    both = table([3, 4, 5], [6, 7, 8])
-    pattern = []
-    for step, L in enumerate(range(33, 41)):
-        if step % 2:
-            p = st.plan(both, torch.tensor([L, 20 + step]), torch.tensor([0, 1]))
-        else:
-            p = st.plan(a, torch.tensor([L]), torch.tensor([0]))
-        pattern.append(bool(p.refresh[0]))
-    assert pattern == [True, False, False, False] * 2
-
-
-def test_dense_below_threshold_skips_masks():
+def test_dense_below_threshold_skips_masks_and_padding_is_inert():
     st = make(dense_below=64)
-    p = st.plan(table([3, 4, 5, 6, 7], [2, 9, 10, 11, 12]), torch.tensor([64, 65]), torch.tensor([0, 1]))
-    assert p.refresh.tolist() == [False, True]
-    assert int(p.window_start[0]) == 0
+    p = step(st, table([3, 4, 5, 6, 7], [2, 9, 10, 11, 12], [0, 0, 0, 0, 0]), [64, 65, 0])
+    assert p.refresh.tolist() == [False, True, False]
+    assert int(p.window_start[0]) == 0 and int(p.window_start[2]) == 0

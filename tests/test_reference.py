@@ -49,12 +49,15 @@ def test_make_query_blocks_ragged(bq):
     qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     got = make_query_blocks(qsl, torch.tensor(seq, dtype=torch.int32), bq)
     exp = ([], [], [], [])
-    for r in range(7):
-        for j0 in range(0, q_lens[r], bq):
-            exp[0].append(r)
-            exp[1].append(int(qsl[r]) + j0)
-            exp[2].append(min(bq, q_lens[r] - j0))
-            exp[3].append(seq[r] - q_lens[r] + j0)
+    for r in range(7):  # blocks = runs of rows whose positions share position // bq
+        rows = list(range(q_lens[r]))
+        pos = [seq[r] - q_lens[r] + i for i in rows]
+        for i in rows:
+            if i == 0 or pos[i] // bq != pos[i - 1] // bq:
+                exp[0].append(r)
+                exp[1].append(int(qsl[r]) + i)
+                exp[2].append(sum(1 for p in pos if p // bq == pos[i] // bq))
+                exp[3].append(pos[i])
     for a, b in zip(got, exp):
         assert a.dtype == torch.int32
         assert a.tolist() == b

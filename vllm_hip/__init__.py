@@ -6,7 +6,9 @@ engine core, workers, Ray actors) and:
 1. adds the ``HIP`` attention backend (``--attention-backend HIP``, ``LLM(attention_backend="HIP")``);
 2. makes that enum member pickle by name, so spawned processes and Ray actors that unpickle a
    ``VllmConfig`` before loading plugins rebuild it (and register the backend) on the way;
-3. on the CPU platform, which otherwise always picks CPU_ATTN, honours an explicit HIP selection.
+3. on the CPU platform, which otherwise always picks CPU_ATTN, honours an explicit HIP selection;
+4. validates ``additional_config["hip"]`` when vLLM builds its config (in the front end, so a bad value
+   stops ``vllm serve`` in seconds, not after the engine has started).
 """
 from __future__ import annotations
 
@@ -48,6 +50,28 @@ def register() -> None:
     if member.__dict__.get("__reduce_ex__") is not _reduce_hip_member:
         member.__reduce_ex__ = _reduce_hip_member
     _patch_cpu_platform()
+    _validate_hip_config_with_platform()
+
+
+def _validate_hip_config_with_platform() -> None:
+    """Parse ``additional_config["hip"]`` where vLLM finalises every config (``check_and_update_config``)."""
+    from vllm_hip import compat
+
+    cls = type(compat.current_platform())
+    current = getattr(cls, "check_and_update_config", None)
+    if current is None or getattr(current.__func__, "_hip_wrapped", False):
+        return
+    original = current.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        original(cls, vllm_config)
+        if (getattr(vllm_config, "additional_config", None) or {}).get("hip") is not None:
+            from vllm_hip.config import hip_config_from_vllm
+
+            hip_config_from_vllm(vllm_config)
+
+    check_and_update_config._hip_wrapped = True
+    cls.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _patch_cpu_platform() -> None:

@@ -21,7 +21,7 @@ from vllm_hip.compat import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm_hip.config import HipConfig, hip_config_from_vllm
+from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 from vllm_hip.kernels.reference import make_query_blocks, window_starts
 from vllm_hip.mask_state import DecodeMaskState
 
@@ -133,9 +133,15 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self.page_size = kv_cache_spec.block_size
         self.num_kv_heads = kv_cache_spec.num_kv_heads
         max_seqs = vllm_config.scheduler_config.max_num_seqs
-        slots = self.cfg.mask_cache_slots or 2 * max_seqs
+        slots = self.cfg.mask_cache_slots or max_seqs
+        if slots < max_seqs:
+            raise HipConfigError(f"hip.mask_cache_slots ({slots}) must be 0 or at least max_num_seqs ({max_seqs}): "
+                                 f"every decoding request needs its own mask slot")
+        # Block ids in the block table index a per-block slot map: size it by the KV pool (in kernel pages).
+        cache = vllm_config.cache_config
+        num_blocks = (cache.num_gpu_blocks or 0) * max(1, cache.block_size // self.page_size) or (1 << 20)
         self.decode_state = DecodeMaskState(
-            slots, max_seqs, device, page_size=self.page_size, window=self.cfg.sliding_window,
+            slots, num_blocks, device, page_size=self.page_size, window=self.cfg.sliding_window,
             block_size_k=self.cfg.block_size_k, interval=self.cfg.mask_refresh_interval,
             dense_below=self.cfg.dense_below_seq_len,
         )
@@ -164,7 +170,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> HipMetadata:
         # Capture runs with dummy block tables: never let it leave decode mask state behind.
         md = self.build(0, common_attn_metadata)
-        self.decode_state.owner.fill_(-1)
+        self.decode_state.slot_key.fill_(-1)
         return md
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -182,8 +188,8 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
 
         prefill = None
         if pf_reqs.numel():
-            prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens)
-            state.invalidate(block_table, self._h2d(pf_reqs))
+            prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens, compat.seq_lens_host(cm))
+            state.invalidate(block_table, seq_lens, self._h2d(pf_reqs))
         decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
         if self._mask_caches is None:
             shape = (state.cache_rows, self.num_kv_heads, self.cfg.n_select)
@@ -206,7 +212,10 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         if n > self._dec["req"].shape[0]:
             raise RuntimeError(f"{n} decode requests exceed max_num_seqs={self._dec['req'].shape[0]}")
         d = self._h2d(dec_reqs).long()
-        plan = self.decode_state.plan(block_table, seq_lens, d)
+        prompt_step = None
+        if getattr(cm, "is_prefilling", None) is not None:
+            prompt_step = cm.is_prefilling.to(d.device)[d].bool()
+        plan = self.decode_state.plan(block_table, seq_lens, d, prompt_step)
         L = seq_lens[d]
         b = self._dec
         b["req"][:n].copy_(d)
@@ -225,23 +234,21 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             mask_row=b["row"][:n], refresh=self._dec_refresh[:n],
         )
 
-    def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens) -> QueryBlocks:
+    def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, seq_lens_host) -> QueryBlocks:
         cfg = self.cfg
-        # Query blocks of the prefill requests: their count and layout only need host-side q_lens.
+        # Query blocks of the prefill requests: their count and layout are computed on the host.
         sub_qsl = torch.zeros(reqs.numel() + 1, dtype=torch.int64)
         sub_qsl[1:] = torch.cumsum(q_lens[reqs], 0)
-        qb_req, _, qb_len, qb_rel = make_query_blocks(sub_qsl, q_lens[reqs], cfg.block_size_q)
+        qb_req, qb_rel, qb_len, qb_pos0 = make_query_blocks(sub_qsl, seq_lens_host[reqs], cfg.block_size_q)
         req = reqs[qb_req.long()]
-        start = qsl_cpu[req].long() + qb_rel.long()
-        # qb_rel: offset of the block's first row among its request's rows this step.
-        host = torch.stack([req, start, qb_len.long(), qb_rel.long(), q_lens[req]])
-        req_d, start_d, len_d, rel_d, qlen_d = self._h2d(host).unbind(0)
-        pos0 = seq_lens[req_d.long()] - qlen_d + rel_d
-        ws = window_starts(pos0, cfg.sliding_window, cfg.block_size_k)
+        start = qsl_cpu[req].long() + qb_rel.long() - sub_qsl[qb_req.long()]
+        host = torch.stack([req, start, qb_len.long(), qb_pos0.long()])
+        req_d, start_d, len_d, pos0_d = self._h2d(host).unbind(0)
+        ws = window_starts(pos0_d, cfg.sliding_window, cfg.block_size_k)
         if cfg.dense_below_seq_len:
             ws = torch.where(seq_lens[req_d.long()] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)
         return QueryBlocks(
-            req=req_d, start=start_d, length=len_d, pos0=pos0.to(torch.int32), window_start=ws,
+            req=req_d, start=start_d, length=len_d, pos0=pos0_d, window_start=ws,
             dense_window_start=torch.zeros_like(ws),
         )
 

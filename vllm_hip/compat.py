@@ -58,6 +58,18 @@ def split_kv_cache(kv_cache: torch.Tensor, head_size: int):
     return kv_cache.transpose(1, 2).split(head_size, dim=-1)
 
 
+def seq_lens_host(cm: CommonAttentionMetadata) -> torch.Tensor:
+    """Host ``seq_lens`` of the batch, exact for prefill rows (what the builder needs them for).
+
+    0.26 and 0.32+ runners fill ``seq_lens_cpu_upper_bound`` (exact except for async speculative decode rows);
+    otherwise copy from the device (a sync in the builder, once per step).
+    """
+    host = getattr(cm, "seq_lens_cpu_upper_bound", None)
+    if host is None:
+        host = cm.seq_lens.cpu()
+    return host[: cm.num_reqs].long()
+
+
 def extract_layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index as _extract
 

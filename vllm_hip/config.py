@@ -49,7 +49,7 @@ class HipConfig:
     mask_refresh_interval: int = 8
     """Decode steps a request reuses its mask before re-estimating it (1 = every step)."""
     mask_cache_slots: int = 0
-    """Per-request decode mask slots per layer; 0 = 2 x max_num_seqs."""
+    """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False
     """Count attended vs causal keys per layer (``vllm_hip.stats``); adds small device ops per layer."""
     offload: HipOffloadConfig = field(default_factory=HipOffloadConfig)

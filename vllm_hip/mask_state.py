@@ -5,20 +5,21 @@ The cached masks live in per-layer device buffers with one row per *slot*; this 
 step and for all layers, each decode request's slot and whether it refreshes. All of it is device tensor
 arithmetic (no host sync), so it also works when the forward is replayed from a CUDA graph.
 
-Identity without request ids (the V1 runner does not give the backend any): a request is keyed by its
-first KV block (``block_table[r, 0]``), which no other live request owns unless they share a cached prefix.
-A slot's mask is reused only if
+Identity without request ids (the V1 runner gives the backend none): a decoding request is keyed by the KV
+block that holds its newest token. That block is being written this step, so it belongs to this request
+alone (prefix caching shares only full blocks); two live requests never have the same key, whatever prefix
+they share (``n > 1``, a common system prompt). When the newest token starts a new block, the request is
+found through its previous block (also private: it was the request's own last block) and its slot follows it.
 
-* the slot's owner is this first block, and
-* the *anchor* matches: the KV block that held the last token at refresh time. That block was being
-  written at refresh time, so it belonged to this request alone; a different request on the same slot
-  cannot have the same block at that position unless it shares that exact prefix, in which case the
-  mask is the same computation anyway; and
-* the request has advanced by 1 .. interval-1 tokens since the refresh.
+* ``slot_of_block[block]``: the slot last given to the request whose newest token was in ``block``;
+* ``slot_key[slot]``: the block that currently owns the slot (a lookup is valid only if it matches);
+* a request refreshes when it has no valid slot, or ``mask_refresh_interval`` tokens passed since its
+  last refresh; new slots are taken from the slots no request of this step keeps (a prefix-sum allocation).
 
-Every prefill step invalidates its request's slot (so a recycled first block never inherits a mask).
-Requests of one batch that hash to the same slot use private scratch rows and refresh every step: still
-correct, only slower. Requests at or below ``dense_below_seq_len`` tokens attend densely and skip the mask.
+Refreshes therefore happen at positions that depend only on the request itself, never on which other
+requests share the batch. Prefill steps (and any step of a request still in its prompt) drop the slot of
+the block they end in, so a recycled block never hands over another request's mask. Requests at or below
+``dense_below_seq_len`` tokens attend densely and skip the mask.
 """
 from __future__ import annotations
 
@@ -39,77 +40,91 @@ class DecodeMaskPlan:
 class DecodeMaskState:
     """Device-side slot table shared by all HiP layers of one KV-cache group."""
 
-    def __init__(self, num_slots: int, max_decodes: int, device, *, page_size: int, window: int,
+    def __init__(self, num_slots: int, num_blocks: int, device, *, page_size: int, window: int,
                  block_size_k: int, interval: int, dense_below: int):
         self.num_slots = num_slots
-        self.max_decodes = max_decodes
         self.page_size = page_size
         self.window = window
         self.block_size_k = block_size_k
         self.interval = interval
         self.dense_below = dense_below
-        # One extra entry at the end absorbs writes we do not want to keep (branch-free scatter).
-        n = num_slots + 1
-        self.owner = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.anchor = torch.full((n,), -1, dtype=torch.int64, device=device)
+        n = num_slots + 1  # the last entry absorbs writes we do not want to keep (branch-free scatter)
+        self.trash = num_slots
+        self.slot_key = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.refresh_len = torch.zeros(n, dtype=torch.int64, device=device)
         self.window_start = torch.zeros(n, dtype=torch.int64, device=device)
+        # Indexed by block id modulo its size (identity when num_blocks covers every id); the last entry
+        # absorbs writes we do not keep. A wrong entry is harmless: a lookup must also match slot_key.
+        self.num_blocks = num_blocks
+        self.slot_of_block = torch.full((num_blocks + 1,), self.trash, dtype=torch.int64, device=device)
+        self.block_trash = num_blocks
 
     @property
     def cache_rows(self) -> int:
-        """Rows each layer's mask cache needs: the slots plus one scratch row per decode request."""
-        return self.num_slots + self.max_decodes
+        """Rows each layer's mask cache needs (the slots plus the trash row)."""
+        return self.num_slots + 1
 
-    def invalidate(self, block_table: torch.Tensor, reqs: torch.Tensor) -> None:
-        """Forget the masks of requests ``reqs`` (prefill steps): their next decode step refreshes."""
+    def _block_at(self, block_table, r, pos):
+        page = torch.clamp(torch.div(pos, self.page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
+        return block_table.long()[r, page]
+
+    def _entry(self, block):
+        return block % self.num_blocks
+
+    def invalidate(self, block_table: torch.Tensor, seq_lens: torch.Tensor, reqs: torch.Tensor) -> None:
+        """Prefill steps of ``reqs``: forget any slot keyed by the block their newest token is in."""
         if reqs.numel() == 0:
             return
-        slot = block_table[reqs.long(), 0].long() % self.num_slots
-        self.owner[slot] = -1
-
-    def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, reqs: torch.Tensor) -> DecodeMaskPlan:
-        """Decide rows and refreshes for decode requests ``reqs`` (indices into the batch) and update state."""
-        dev = self.owner.device
         r = reqs.long()
-        Rd = r.shape[0]
-        L = seq_lens[r].long()
-        bt = block_table.long()
-        first = bt[r, 0]
-        slot = first % self.num_slots
-        count = torch.zeros(self.num_slots, dtype=torch.int64, device=dev).index_add_(
-            0, slot, torch.ones_like(slot)
-        )
-        private = count[slot] > 1
-        scratch = self.num_slots + torch.arange(Rd, device=dev)
+        key = self._block_at(block_table, r, seq_lens.long()[r] - 1)
+        s = self.slot_of_block[self._entry(key)]
+        mine = self.slot_key[s] == key
+        self.slot_key[torch.where(mine, s, torch.full_like(s, self.trash))] = -1
 
-        ref_len = self.refresh_len[slot]
-        anchor_page = torch.clamp(ref_len - 1, min=0) // self.page_size
-        anchor_page = torch.clamp(anchor_page, max=bt.shape[1] - 1)
-        anchor_now = bt[r, anchor_page]
-        age = L - ref_len
-        valid = (
-            (self.owner[slot] == first)
-            & (self.anchor[slot] == anchor_now)
-            & (age > 0)
-            & (age < self.interval)
-            & ~private
-        )
-        dense = L <= self.dense_below
+    def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, reqs: torch.Tensor,
+             prompt_step: torch.Tensor | None = None) -> DecodeMaskPlan:
+        """Decide rows and refreshes for decode requests ``reqs`` (indices into the batch) and update state.
+
+        ``prompt_step`` (bool per request of ``reqs``): one-token steps that are still in the prompt (e.g. the
+        last prompt token after a full prefix-cache hit); they never reuse a mask.
+        """
+        dev = self.slot_key.device
+        r = reqs.long()
+        L = seq_lens.long()[r]
         live = L > 0  # padding rows of a fixed-size (CUDA graph) decode batch have no tokens
-        refresh = ~valid & ~dense & live
+        key_now = self._block_at(block_table, r, L - 1)
+        new_page = (L - 1) % self.page_size == 0
+        key_prev = torch.where(new_page & (L > 1), self._block_at(block_table, r, L - 2), key_now)
+        s_prev = self.slot_of_block[self._entry(key_prev)]
+        own = (self.slot_key[s_prev] == key_prev) & live
+        if prompt_step is not None:
+            own &= ~prompt_step
+        age = L - self.refresh_len[s_prev]
+        dense = L <= self.dense_below
+        refresh = ~(own & (age > 0) & (age < self.interval)) & ~dense & live
+
+        # Slots kept this step: those of requests that own one. The others get free slots in batch order.
+        trash = torch.full_like(s_prev, self.trash)
+        used = torch.zeros(self.num_slots + 1, dtype=torch.bool, device=dev)
+        used[torch.where(own, s_prev, trash)] = True
+        free_cum = torch.cumsum((~used[: self.num_slots]).to(torch.int64), 0)
+        need = ~own & live & ~dense
+        rank = torch.cumsum(need.to(torch.int64), 0)  # 1-based rank among requests needing a slot
+        new_slot = torch.searchsorted(free_cum, rank)  # first slot where the free count reaches the rank
+        new_slot = torch.clamp(new_slot, max=self.trash)
+        slot = torch.where(own, s_prev, torch.where(need, new_slot, trash))
 
         bk = self.block_size_k
         new_ws = torch.clamp(torch.div(L - 1 - self.window, bk, rounding_mode="floor") * bk, min=0)
         ws = torch.where(refresh, new_ws, self.window_start[slot])
-        ws = torch.where(dense, torch.zeros_like(ws), ws)
+        ws = torch.where(dense | ~live, torch.zeros_like(ws), ws)
 
-        # Record refreshes of shared slots; private/dense rows write into the trash entry.
-        keep = refresh & ~private
-        w = torch.where(keep, slot, torch.full_like(slot, self.num_slots))
-        self.owner[w] = first
-        self.anchor[w] = bt[r, torch.clamp((L - 1) // self.page_size, max=bt.shape[1] - 1)]
-        self.refresh_len[w] = L
-        self.window_start[w] = new_ws
-
-        row = torch.where(private, scratch, slot)
-        return DecodeMaskPlan(row=row.to(torch.int32), refresh=refresh, window_start=ws.to(torch.int32))
+        # The slot follows the request to the block of its newest token.
+        kept = slot != self.trash
+        w = torch.where(kept, slot, trash)
+        self.slot_key[w] = torch.where(kept, key_now, torch.full_like(key_now, -1))
+        self.slot_of_block[torch.where(kept, self._entry(key_now), torch.full_like(key_now, self.block_trash))] = w
+        wr = torch.where(refresh & kept, slot, trash)
+        self.refresh_len[wr] = L
+        self.window_start[wr] = new_ws
+        return DecodeMaskPlan(row=slot.to(torch.int32), refresh=refresh & kept, window_start=ws.to(torch.int32))
