@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import assets  # noqa: E402
 
-DEFAULT_HIP = {"k": 512, "sink_tokens": 16, "sliding_window": 256, "block_size_k": 2, "dense_layers": [0, 1, 2]}
+DEFAULT_HIP = {}  # HipConfig defaults
 
 
 def _on_cuda() -> bool:

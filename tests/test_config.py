@@ -4,11 +4,11 @@ import pytest
 from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_paper_except_key_block_size():
     c = HipConfig.from_dict(None)
-    assert (c.k, c.block_size_q, c.block_size_k, c.query_stride) == (512, 64, 2, 2)
+    assert (c.k, c.block_size_q, c.block_size_k, c.query_stride) == (512, 64, 8, 2)
     assert (c.sink_tokens, c.sliding_window, c.dense_layers, c.mask_refresh_interval) == (16, 256, (0, 1, 2), 8)
-    assert c.n_select == 256
+    assert c.n_select == 64
 
 
 def test_json_text_and_dict_agree():
@@ -31,7 +31,7 @@ def test_frozen():
         ({"k": -4}, r"hip.k must be > 0"),
         ({"sliding_window": -1}, r"hip.sliding_window must be >= 0"),
         ({"block_size_k": 3, "k": 9}, r"power of two"),
-        ({"sink_tokens": 3}, r"hip.sink_tokens \(3\) must be a multiple of hip.block_size_k"),
+        ({"sink_tokens": 3, "block_size_k": 2}, r"hip.sink_tokens \(3\) must be a multiple of hip.block_size_k"),
         ({"query_stride": 128}, r"query_stride \(128\) must be <= hip.block_size_q"),
         ({"k": "512"}, r"hip.k must be an integer"),
         ({"k": True}, r"hip.k must be an integer"),
