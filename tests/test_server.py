@@ -428,8 +428,9 @@ def test_client_disconnect_mid_stream_frees_kv(stack):
     server = stack.server
     server.wait_idle(timeout=60)
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
-    # Long enough that the request is still decoding while we look (up to the context limit).
-    stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["long"], max_tokens=900,
+    # A short prompt with nearly the whole context to generate: still decoding while we look, even when the
+    # server generates fast (it does not wait for the client to read).
+    stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["short"], max_tokens=MAX_MODEL_LEN - 100,
                                        temperature=0.0, stream=True, extra_body={"ignore_eos": True})
     got = 0
     for chunk in stream:
