@@ -40,6 +40,7 @@ def test_frozen():
         ({"mask_refresh_interval": 0}, r"mask_refresh_interval must be > 0"),
         ({"offload": {"gpu_blocks": -1}}, r"must be >= 0"),
         ({"offload": {"gpu": 1}}, r"unknown key\(s\) \['gpu'\] in hip.offload"),
+        ({"offload": {"gpu_blocks": 4096, "host_gib": 64}}, r"not implemented in this release"),
         ("{not json", r"not valid JSON"),
         ([1, 2], r"must be a JSON object"),
     ],

@@ -19,7 +19,7 @@ class HipConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HipOffloadConfig:
-    """KV offload to host memory (see README, "Offload"). Off unless ``gpu_blocks`` is set."""
+    """KV offload to host memory: reserved; any non-zero value is refused until it is implemented."""
 
     gpu_blocks: int = 0
     """GPU KV blocks kept resident per request (sink + window + hot set); 0 disables offload."""
@@ -128,6 +128,9 @@ class HipConfig:
             raise HipConfigError(f"hip.dense_layers must hold non-negative indices, got {list(self.dense_layers)}")
         if self.offload.gpu_blocks < 0 or self.offload.host_gib < 0:
             raise HipConfigError("hip.offload.gpu_blocks and hip.offload.host_gib must be >= 0")
+        if self.offload.gpu_blocks or self.offload.host_gib:
+            raise HipConfigError("hip.offload (KV offload to host memory) is not implemented in this release; "
+                                 "remove the \"offload\" key")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
