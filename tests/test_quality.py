@@ -1,0 +1,137 @@
+"""Quality of HiP on a real model (SmolLM2-135M): passkey retrieval against the dense backend in vLLM, and a
+fast per-layer check of HiP's selection on captured real Q/K/V (numbers: BENCHMARKS_quality.md).
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_vllm
+
+# ------------------------------------------------------------------------------------------- passkey
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+PASSKEY_TOKENS = 4000  # ~3980 tokens with the chat template
+# HiP settings of both tests: HipConfig defaults. block_size_k defaults to 8 (not the paper's 2) because of this
+# test (BENCHMARKS_quality.md, "Passkey at 4K"): with 2, SmolLM2 answers 2/5 in vLLM where dense answers 5/5.
+# Its 5-digit key is 5 single-digit tokens; a decode mask of 2-token blocks, reused for mask_refresh_interval=8
+# steps, covers the next digit or two but not the rest (" 604." for 60494), and at 50 % depth the prefill mask
+# of the last query block misses the key (" 1586."). With 8-token blocks one block holds the whole key: 5/5.
+HIP_QUALITY: dict = {}
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    import assets
+    from transformers import AutoTokenizer
+
+    path = str(assets.smollm2_dir())
+    return path, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.mark.slow
+def test_smollm2_passkey_matches_dense(smollm2):
+    """HiP (all layers but the configured dense ones) answers the ~4K-token passkey prompt as the dense
+    default backend does on at least 4 of the 5 depths where dense is right; dense must be right on >= 3."""
+    import quality_lib as ql
+    from assets import answer_ok
+    from vllm_hip.config import HipConfig
+
+    model, tok = smollm2
+    cases = ql.passkey_cases(tok, PASSKEY_TOKENS, DEPTHS, seed=0)
+    prompts = [p for _, _, p in cases]
+    n_tok = [len(tok.encode(p)) for p in prompts]
+
+    cfg = HipConfig.from_dict(HIP_QUALITY)
+    # HiP really prunes here: every prompt is far beyond sink + window + k, on every non-dense layer.
+    assert cfg.dense_below_seq_len == 0 and cfg.dense_layers == (0, 1, 2)
+    assert min(n_tok) > 3 * (cfg.sink_tokens + cfg.sliding_window + cfg.k), n_tok
+
+    spec = {"model": model, "prompts": prompts, "max_tokens": 8, "engine": {"max_model_len": 8192}}
+    dense = run_vllm({**spec, "backend": "default", "hip": None}, timeout=1800)
+    hip = run_vllm({**spec, "backend": "HIP", "hip": HIP_QUALITY}, timeout=3600)
+
+    rows = []
+    for (depth, key, _), d_tok, h_tok in zip(cases, dense["tokens"], hip["tokens"]):
+        d_txt, h_txt = tok.decode(d_tok), tok.decode(h_tok)
+        rows.append((depth, key, answer_ok(d_txt, key), answer_ok(h_txt, key), d_txt, h_txt))
+    report = "\n".join(f"depth {d:.2f} key {k}: dense {'OK' if do else 'XX'} {dt!r}, hip {'OK' if ho else 'XX'} {ht!r}"
+                       for d, k, do, ho, dt, ht in rows)
+    print(report, f"\ndense run {dense['run_s']} s, hip run {hip['run_s']} s")
+    dense_right = [r for r in rows if r[2]]
+    assert len(dense_right) >= 3, f"dense baseline right on only {len(dense_right)}/5: test is vacuous\n{report}"
+    agree = sum(1 for r in dense_right if r[3])
+    assert agree >= min(4, len(dense_right)), f"HiP right on {agree} of the {len(dense_right)} depths dense gets\n{report}"
+
+
+# --------------------------------------------------------------- selection on captured Q/K/V (CI slice)
+# Per-layer HiP (kernels/reference.py) vs dense attention on SmolLM2's real post-RoPE Q/K/V of 2048 tokens of
+# the Gutenberg plays, HIP_QUALITY settings, averaged over the HiP layers (BENCHMARKS_quality.md, "CI slice").
+CI_TOKENS = 2048
+CI_MAX_BLOCKS = 4  # pruned query blocks scored per layer (evenly spaced, always including the last)
+CI_THRESHOLDS = {  # measured 2026-11-29 (CPU): HiP 0.9525 / 0.967 / 0.051; random blocks 0.536 / 0.879 / 0.183
+    "block_recall": (">=", 0.90),
+    "mass": (">=", 0.94),
+    "rel_l2": ("<=", 0.08),
+}
+
+
+@pytest.fixture(scope="module")
+def captured_2k():
+    import assets
+    import quality_lib as ql
+
+    model, tok = ql.load_smollm2()
+    ids = ql.text_ids(tok, assets.plays_text(), CI_TOKENS, offset=1000)
+    caps = ql.capture_qkv(model, ids)
+    del model
+    return caps
+
+
+def _mean(caps, cfg, layers=None):
+    import quality_lib as ql
+
+    cfg = ql._cfg(cfg)
+    use = [i for i in (range(len(caps)) if layers is None else layers) if i not in cfg.dense_layers]
+    per = [ql.layer_metrics(caps[i]["q"], caps[i]["k"], caps[i]["v"], caps[i]["scale"], cfg,
+                            max_blocks=CI_MAX_BLOCKS) for i in use]
+    return ql.summarize(per), per
+
+
+def _check(mean) -> list[str]:
+    bad = []
+    for key, (op, bound) in CI_THRESHOLDS.items():
+        ok = mean[key] >= bound if op == ">=" else mean[key] <= bound
+        if not ok:
+            bad.append(f"{key} = {mean[key]:.4f}, want {op} {bound}")
+    return bad
+
+
+def test_selection_quality_on_captured_qkv(captured_2k):
+    """HiP's selection on real Q/K/V keeps its measured quality: the hierarchical search finds the exact
+    top key blocks, the attended keys hold the attention mass, and the output stays close to dense."""
+    mean, per = _mean(captured_2k, HIP_QUALITY)
+    print({k: round(v, 4) for k, v in mean.items()})
+    assert all(m["blocks"] > 0 for m in per), "HiP must prune at 2048 tokens on every HiP layer"
+    bad = _check(mean)
+    assert not bad, f"selection quality regressed: {bad}"
+
+
+def test_selection_check_catches_random_blocks(captured_2k, monkeypatch):
+    """Control: the same check fails when the hierarchical search is replaced by random key blocks."""
+    import quality_lib as ql
+    import torch
+
+    def random_blocks(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select,
+                      block_size_q, block_size_k, sink_tokens, query_stride=1):
+        g = torch.Generator().manual_seed(0)
+        out = torch.full((qb_req.shape[0], k_cache.shape[2], n_select), -1, dtype=torch.int32)
+        for b in range(qb_req.shape[0]):
+            lo, hi = sink_tokens // block_size_k, int(window_start[b]) // block_size_k
+            for h in range(k_cache.shape[2]):
+                pick = lo + torch.randperm(hi - lo, generator=g)[:n_select]
+                out[b, h, : pick.numel()] = pick.sort().values.to(torch.int32)
+        return out
+
+    monkeypatch.setattr(ql, "hip_mask_reference", random_blocks)
+    mean, _ = _mean(captured_2k, HIP_QUALITY, layers=[3, 8, 13, 18, 23, 28])
+    print({k: round(v, 4) for k, v in mean.items()})
+    assert _check(mean), "random key blocks pass the selection check: thresholds too loose"
