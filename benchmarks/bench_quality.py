@@ -241,8 +241,11 @@ def cmd_vllm(a) -> dict:
         for b in results:
             png = Path(a.out) / f"quality_passkey_{b}.png"
             conf = {"hip": f" {json.dumps(a.hip)}", "hip-default": " (HipConfig defaults)"}.get(b, "")
-            heatmap(png, f"SmolLM2-135M passkey, vLLM {b}\n{conf.strip()}",
-                    lengths, depths, acc[b])
+            try:
+                heatmap(png, f"SmolLM2-135M passkey, vLLM {b}\n{conf.strip()}", lengths, depths, acc[b])
+            except ImportError:
+                lines.append("heat map skipped: matplotlib is not installed (.venv/bin/pip install matplotlib)")
+                break
             lines.append(f"heat map: {png.relative_to(REPO) if png.is_relative_to(REPO) else png}")
         out["passkey"] = [{k: v for k, v in p.items() if k != "ids"} | {b: results[b]["passkey"][i] for b in results}
                           for i, p in enumerate(passkey)]

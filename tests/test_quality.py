@@ -67,10 +67,13 @@ def test_smollm2_passkey_matches_dense(smollm2):
 # the Gutenberg plays, HIP_QUALITY settings, averaged over the HiP layers (BENCHMARKS_quality.md, "CI slice").
 CI_TOKENS = 2048
 CI_MAX_BLOCKS = 4  # pruned query blocks scored per layer (evenly spaced, always including the last)
-CI_THRESHOLDS = {  # measured 2026-11-29 (CPU): HiP 0.9525 / 0.967 / 0.051; random blocks 0.536 / 0.879 / 0.183
-    "block_recall": (">=", 0.90),
-    "mass": (">=", 0.94),
-    "rel_l2": ("<=", 0.08),
+CI_THRESHOLDS = {
+    # Measured 2026-11-29 (defaults, block_size_k 8; CPU, torch 2.13 fp32): block_recall 0.9525, mass 0.9670,
+    # rel_l2 0.0510. Regressions measured with the same check: random key blocks 0.534 / 0.892 / 0.144;
+    # half the budget (k=256) 0.845 / 0.930 / 0.087; window and sink only (k=8) 0.222 / 0.823 / 0.256.
+    "block_recall": (">=", 0.93),  # share of the exact top-n key blocks (HiP's own block score) found
+    "mass": (">=", 0.955),  # dense softmax mass on the keys HiP attends
+    "rel_l2": ("<=", 0.065),  # ||o_hip - o_dense|| / ||o_dense|| on the pruned query blocks
 }
 
 
