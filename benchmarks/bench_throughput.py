@@ -4,9 +4,10 @@
 
 Each (backend) runs in its own process (one engine, all workloads). Per prompt length it measures, with
 prefix caching off and random token prompts:
-* time to first token: ``generate(max_tokens=1)`` on one request;
-* decode throughput at concurrency 1 and at the most requests whose KV fits the engine's KV pool:
-  ``(N * (out_len - 1)) / (t(generate out_len) - t(generate 1))`` over the same N prompts;
+* time to first token of one request alone, and the mean over N requests sent together;
+* decode throughput at concurrency 1 and at N = the most requests whose KV fits the engine's KV pool: the
+  engine is stepped directly, and the rate counts the tokens produced after every request has its first token
+  over the time after that moment (so prefill is paid once, not subtracted);
 and prints one table with the GPU named. Weights are random (``load_format="dummy"``): speed only.
 """
 from __future__ import annotations
@@ -43,6 +44,23 @@ def write_model_dir(path: Path, tokenizer_dir: Path, max_len: int) -> Path:
     return path
 
 
+PAGE_TOKENS = 16
+PAGE_BYTES = PAGE_TOKENS * LLAMA_8B["num_key_value_heads"] * LLAMA_8B["head_dim"] * 2 * 2  # K+V, bf16, one layer
+
+
+def offload_config(a) -> dict:
+    """hip.offload for HIP_OFFLOAD: with ``--offload-cap c``, GPU pages = c x the pages ``--offload-reqs``
+    requests of the longest prompt need, the rest (plus 5 %) in host memory; else ``--offload`` as given."""
+    off = json.loads(a.offload)
+    if a.offload_cap:
+        hip_layers = LLAMA_8B["num_hidden_layers"] - len(json.loads(a.hip).get("dense_layers", [0, 1, 2]))
+        need = a.offload_reqs * -(-(max(a.lengths) + a.output_len) // PAGE_TOKENS)
+        gpu = int(a.offload_cap * need + 0.5)
+        off["gpu_blocks"] = gpu
+        off["host_gib"] = round((need - gpu) * 1.05 * PAGE_BYTES * hip_layers / 2**30, 2)
+    return off
+
+
 def worker(a) -> None:
     """One backend, all workloads, in this process; prints one JSON line per measurement."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in this process: its memory is ours
@@ -55,9 +73,13 @@ def worker(a) -> None:
               gpu_memory_utilization=a.gpu_mem, max_num_seqs=a.max_seqs, seed=0,
               max_num_batched_tokens=a.batched_tokens, enforce_eager=a.eager)
     if a.backend != "default":
-        kw["attention_backend"] = a.backend
-    if a.backend == "HIP":
+        kw["attention_backend"] = "HIP" if a.backend == "HIP_OFFLOAD" else a.backend
+    if a.backend.startswith("HIP"):
         kw["additional_config"] = {"hip": json.loads(a.hip)}
+    if a.backend == "HIP_OFFLOAD":
+        kw["additional_config"]["hip"]["offload"] = offload_config(a)
+        print(json.dumps({"backend": a.backend, "event": "offload", "config": kw["additional_config"]["hip"]["offload"]}),
+              flush=True)
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -66,6 +88,13 @@ def worker(a) -> None:
     pool_tokens = (cache_cfg.num_gpu_blocks or 0) * cache_cfg.block_size
     print(json.dumps({"backend": a.backend, "event": "startup", "s": round(startup, 1), "gpu": gpu,
                       "kv_pool_tokens": pool_tokens}), flush=True)
+
+    def offload_stats() -> dict:
+        try:
+            from vllm_hip import kv_offload
+        except ImportError:
+            return {}
+        return {f"offload_{k}": v for k, v in kv_offload.LAST_STATS.items() if k in ("hit_rate", "bytes_moved")}
     g = torch.Generator().manual_seed(0)
     vocab = 32000
 
@@ -73,44 +102,68 @@ def worker(a) -> None:
         return [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (length,), generator=g).tolist())
                 for _ in range(n)]
 
-    def timed(ps, max_tokens):
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        t = time.perf_counter()
-        outs = llm.generate(ps, sp, use_tqdm=False)
-        assert all(len(o.outputs[0].token_ids) == max_tokens for o in outs)
-        return time.perf_counter() - t
+    eng = llm.llm_engine
+    ids = iter(range(1 << 30))
 
-    timed(prompts(1, 1024), 8)  # warm-up (Triton compilation, graph capture leftovers)
+    def run(ps, max_tokens):
+        """All of ``ps`` at once through the engine, step by step: per-request time to first token, and the
+        decode rate once every request has its first token (tokens after that moment / time after it)."""
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        t0 = time.perf_counter()
+        for p in ps:
+            eng.add_request(f"b{next(ids)}", p, sp)
+        first, ntok, t_all, tok_all = {}, {}, None, 0
+        while eng.has_unfinished_requests():
+            outs = eng.step()
+            now = time.perf_counter()
+            for o in outs:
+                ntok[o.request_id] = len(o.outputs[0].token_ids)
+                if ntok[o.request_id] and o.request_id not in first:
+                    first[o.request_id] = now - t0
+            if t_all is None and len(first) == len(ps):
+                t_all, tok_all = now, sum(ntok.values())
+        t_end = time.perf_counter()
+        assert len(ntok) == len(ps) and all(v == max_tokens for v in ntok.values()), ntok
+        ttft = sorted(first.values())
+        return {"ttft_s": round(ttft[0], 3), "ttft_mean_s": round(sum(ttft) / len(ttft), 3),
+                "ttft_last_s": round(ttft[-1], 3), "total_s": round(t_end - t0, 3),
+                "decode_tok_s": round((sum(ntok.values()) - tok_all) / max(t_end - t_all, 1e-9), 1)}
+
+    run(prompts(1, 1024), 8)  # warm-up (Triton compilation, graph capture leftovers)
     for length in a.lengths:
         fits = max(1, min(a.max_seqs, pool_tokens // (length + a.output_len)))
         for n in sorted({1, fits}):
-            ps = prompts(n, length)
             try:
-                t1 = timed(ps, 1)
-                tn = timed(ps, a.output_len)
+                r = run(prompts(n, length), a.output_len)
             except Exception as e:  # report, keep measuring the other points
                 print(json.dumps({"backend": a.backend, "len": length, "n": n, "error": repr(e)[:300]}), flush=True)
                 continue
-            dec = n * (a.output_len - 1) / max(tn - t1, 1e-9)
-            print(json.dumps({"backend": a.backend, "len": length, "n": n, "prefill_s": round(t1, 3), "total_s": round(tn, 3), "decode_tok_s": round(dec, 1),
-                              "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0.0}), flush=True)
+            r.update(offload_stats())
+            r.update(backend=a.backend, len=length, n=n,
+                     peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else 0.0)
+            print(json.dumps(r), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--backends", default="FLASH_ATTN,HIP")
-    ap.add_argument("--hip", default=json.dumps({"k": 2048, "block_size_k": 16, "block_size_q": 64,
+    ap.add_argument("--backends", default="FLASH_ATTN,HIP", help="FLASH_ATTN, HIP, HIP_OFFLOAD (HIP + --offload)")
+    ap.add_argument("--hip", default=json.dumps({"k": 2048, "block_size_k": 8, "block_size_q": 64,
                                                   "sink_tokens": 128, "sliding_window": 1024,
-                                                  "dense_layers": [0, 1, 2], "dense_below_seq_len": 8192}))
+                                                  "dense_layers": [0, 1, 2], "dense_below_seq_len": 16384}))
     ap.add_argument("--model-dir", default="/tmp/llama8b-dummy")
     ap.add_argument("--tokenizer-dir", default=None, help="dir with tokenizer files (default: tiny test model)")
     ap.add_argument("--gpu-mem", type=float, default=0.9)
     ap.add_argument("--max-seqs", type=int, default=16)
     ap.add_argument("--batched-tokens", type=int, default=16384)
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--offload", default=json.dumps({"host_gib": 64}), help="hip.offload of HIP_OFFLOAD")
+    ap.add_argument("--offload-cap", type=float, default=0.0,
+                    help="HIP_OFFLOAD: GPU pages = this share of what --offload-reqs longest prompts need")
+    ap.add_argument("--offload-reqs", type=int, default=1)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -125,6 +178,8 @@ def main() -> None:
 
         tok_dir = assets.make_tiny_llama()
     write_model_dir(Path(a.model_dir), tok_dir, max(a.lengths) + a.output_len + 16)
+    if a.model_only:
+        return
     rows = []
     for backend in a.backends.split(","):
         cmd = [sys.executable, __file__, "--worker", backend] + [x for x in sys.argv[1:]]
@@ -138,11 +193,16 @@ def main() -> None:
         Path(a.log).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     gpu = next((r["gpu"] for r in rows if r.get("event") == "startup"), "?")
     print(f"\nvLLM offline throughput, Llama-3.1-8B shapes (dummy weights, bf16), GPU: {gpu}")
-    print(f"{'backend':<11}{'prompt':>8}{'reqs':>6}{'TTFT/prefill s':>16}{'decode tok/s':>14}{'peak GiB':>10}")
+    for r in rows:
+        if r.get("event") == "offload":
+            print(f"HIP_OFFLOAD: hip.offload = {r['config']}")
+    print(f"{'backend':<11}{'prompt':>8}{'reqs':>6}{'TTFT s':>9}{'TTFT mean s':>12}{'decode tok/s':>14}"
+          f"{'total s':>9}{'peak GiB':>10}")
     for r in rows:
         if "len" in r and "error" not in r:
-            print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}{r['prefill_s']:>16.3f}{r['decode_tok_s']:>14.1f}"
-                  f"{r['peak_mem_gib']:>10.1f}")
+            hit = f"  GPU hit rate {r['offload_hit_rate']:.3f}" if "offload_hit_rate" in r else ""
+            print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}{r['ttft_s']:>9.3f}{r['ttft_mean_s']:>12.3f}"
+                  f"{r['decode_tok_s']:>14.1f}{r['total_s']:>9.1f}{r['peak_mem_gib']:>10.1f}{hit}")
         elif "error" in r:
             print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}  error: {r['error'][:80]}")
     for r in rows:

@@ -10,12 +10,15 @@
 #             SmolLM2 passkey.
 # bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
+# offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests,
+#             then the longest single request HIP_OFFLOAD serves (LONGEST, default 1M tokens).
+# serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hip-gpu-out}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
-steps=${*:-install kernels vllm bench throughput}
+steps=${*:-install kernels vllm bench throughput offload serve}
 # The checkout first (its vllm_hip wins), $SITE for vLLM and the plugin's entry point (dist-info).
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
@@ -33,11 +36,20 @@ for step in $steps; do
 assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gguf(Path('$SMOLLM2_GGUF'), t, assets.SMOLLM2_DTYPE))"
       fi
       python3 -c "import vllm_hip.kernels.triton_hip" ;;
-    kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
+    kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py tests/test_kernels_tiered.py tests/test_page_swap.py \
+               tests/test_kv_residency.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
     bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;
+    offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
+               --offload-reqs 6 --max-seqs 6 --log "$OUT/offload.jsonl" 2>&1 | tee "$OUT/bench_offload.log" | tail -12
+             python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1048576} --output-len 64 \
+               --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-90}}" \
+               --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
+    serve) [ -d /tmp/llama8b-dummy ] || python3 benchmarks/bench_throughput.py --model-only
+           OUT="$OUT/serve" bash benchmarks/serve_bench.sh /tmp/llama8b-dummy "FLASH_ATTN HIP" ${SERVE_ARGS:-32768 256 32 8} \
+             --load-format dummy 2>&1 | tee "$OUT/serve_bench.log" | grep -E "==|Successful|Request throughput|Output token|Mean TTFT|Median TTFT|Mean TPOT|exited" ;;
     *) echo "unknown step $step"; status=2 ;;
   esac
   rc=${PIPESTATUS[0]}

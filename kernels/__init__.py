@@ -10,6 +10,7 @@ from .reference import (  # noqa: F401
     num_rounds,
     selected_fraction,
     strided_query_rows,
+    tiered_cache,
     window_starts,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "num_rounds",
     "selected_fraction",
     "strided_query_rows",
+    "tiered_cache",
     "window_starts",
 ]

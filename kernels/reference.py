@@ -9,6 +9,12 @@ Conventions shared with the Triton kernels (``kernels/triton_hip.py``):
   ``cache[block_table[r, t // page_size], t % page_size]``.
 * A batch is ragged: request ``r`` owns query rows ``query_start_loc[r] : query_start_loc[r+1]``; those
   rows sit at positions ``seq_lens[r] - q_len[r] ... seq_lens[r] - 1``.
+* Two-tier (KV offload) mode: every op also takes ``host_k_cache`` / ``host_v_cache`` (default None). The
+  cache is then split into a device tier (``k_cache``, pages ``[0, G)`` with ``G = k_cache.shape[0]``) and a
+  host tier (``host_k_cache``, pages ``[0, H)``; on CUDA pinned host memory mapped into the GPU's address
+  space). Block tables and slot mappings hold *physical* page ids in ``[0, G + H)``: page ``p < G`` is
+  ``k_cache[p]``, page ``p >= G`` is ``host_k_cache[p - G]`` (same for V). The reference materialises that
+  virtual cache (``tiered_cache``) and runs the unchanged code on it.
 * Query blocks ("qb") cut each request's rows into runs of ``block_size_q``; see ``make_query_blocks``.
 * Key blocks are runs of ``block_size_k`` positions: key block ``j`` is positions ``[j*bk, (j+1)*bk)``.
   They are logical (position) blocks, independent of vLLM's page size.
@@ -67,6 +73,16 @@ def _paged(cache: torch.Tensor, block_table: torch.Tensor, req: torch.Tensor, po
     return cache[blk, pos % page]
 
 
+def tiered_cache(cache: torch.Tensor, host_cache: torch.Tensor | None) -> torch.Tensor:
+    """The virtual cache of physical pages ``[0, G + H)``: the device tier, then the host tier (a copy).
+
+    ``cache`` itself when there is no host tier.
+    """
+    if host_cache is None:
+        return cache
+    return torch.cat([cache, host_cache.to(cache.device)])
+
+
 def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one request, ``[length, H, D]``."""
     pos = torch.arange(length, device=cache.device)
@@ -74,15 +90,29 @@ def gather_kv(cache: torch.Tensor, block_table_row: torch.Tensor, length: int) -
 
 
 # ------------------------------------------------------------------------------------ KV cache write
-def kv_write_reference(key, value, k_cache, v_cache, slot_mapping):
-    """Write ``key``/``value`` rows ``[T, H, D]`` to their slots; negative slots (padding) are skipped."""
+def kv_write_reference(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, host_v_cache=None):
+    """Write ``key``/``value`` rows ``[T, H, D]`` to their slots; negative slots (padding) are skipped.
+
+    With a host tier, slots of pages ``>= G = k_cache.shape[0]`` go to ``host_*_cache[page - G]``.
+    """
     slots = slot_mapping.long()
     keep = slots >= 0
     slots = slots[keep]
+    key, value = key[keep], value[keep]
     page = k_cache.shape[1]
     blk, off = torch.div(slots, page, rounding_mode="floor"), slots % page
-    k_cache[blk, off] = key[keep].to(k_cache.dtype)
-    v_cache[blk, off] = value[keep].to(v_cache.dtype)
+    if host_k_cache is None:
+        k_cache[blk, off] = key.to(k_cache.dtype)
+        v_cache[blk, off] = value.to(v_cache.dtype)
+        return
+    G = k_cache.shape[0]
+    dev = blk < G
+    k_cache[blk[dev], off[dev]] = key[dev].to(k_cache.dtype)
+    v_cache[blk[dev], off[dev]] = value[dev].to(v_cache.dtype)
+    host = ~dev
+    hblk, hoff = (blk[host] - G).to(host_k_cache.device), off[host].to(host_k_cache.device)
+    host_k_cache[hblk, hoff] = key[host].to(host_k_cache.device, host_k_cache.dtype)
+    host_v_cache[hblk, hoff] = value[host].to(host_v_cache.device, host_v_cache.dtype)
 
 
 # --------------------------------------------------------------------------------- mask estimation
@@ -112,6 +142,7 @@ def hip_mask_reference(
     block_size_k: int,
     sink_tokens: int,
     query_stride: int = 1,
+    host_k_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hierarchical top-k key-block selection (HiP v3) for every (query block, KV head).
 
@@ -120,8 +151,9 @@ def hip_mask_reference(
     ``q . k`` between the block's strided queries (all query heads of the KV-head group) and the ``bk`` keys
     of the half's centre key block, and keeps the ``n_select`` best halves (ties: lower position first).
     Rounds repeat until every group is one key block. With ``n_select`` >= candidates, all are selected.
-    Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded.
+    Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded. ``host_k_cache``: see the module docstring.
     """
+    k_cache = tiered_cache(k_cache, host_k_cache)
     dev = q.device
     n, bk = n_select, block_size_k
     QB = qb_req.shape[0]
@@ -216,12 +248,16 @@ def hip_attention_reference(
     block_size_k: int,
     scale: float,
     out: torch.Tensor | None = None,
+    host_k_cache: torch.Tensor | None = None,
+    host_v_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query block over sink + window + its selected key blocks (``indices[qb]``).
 
     ``q``: ``[T, Hq, D]``; ``indices``: ``[QB, Hkv, n]``. Softmax in fp32; output in ``q``'s dtype.
     Blocks with ``qb_len == 0`` are inert (padding rows of a fixed-size decode batch) and write nothing.
+    ``host_k_cache`` / ``host_v_cache``: see the module docstring.
     """
+    k_cache, v_cache = tiered_cache(k_cache, host_k_cache), tiered_cache(v_cache, host_v_cache)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -249,13 +285,15 @@ def hip_attention_reference(
     return out
 
 
-def dense_attention_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, scale, block_size_q=64):
+def dense_attention_reference(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, scale, block_size_q=64,
+                              host_k_cache=None, host_v_cache=None):
     """Causal dense attention over the paged cache: HiP with every window starting at 0."""
     qb = make_query_blocks(query_start_loc, seq_lens, block_size_q)
     zeros = torch.zeros_like(qb[0])
     idx = torch.full((qb[0].shape[0], k_cache.shape[2], 1), -1, dtype=torch.int32, device=q.device)
     return hip_attention_reference(
-        q, k_cache, v_cache, block_table, seq_lens, *qb, zeros, idx, sink_tokens=0, block_size_k=1, scale=scale
+        q, k_cache, v_cache, block_table, seq_lens, *qb, zeros, idx, sink_tokens=0, block_size_k=1, scale=scale,
+        host_k_cache=host_k_cache, host_v_cache=host_v_cache,
     )
 
 

@@ -4,6 +4,10 @@ Same function as ``reference.hip_attention_reference`` (tested against it), but 
 ``[rows, context]`` score matrix per query block it gathers, for a chunk of query blocks at once, only the keys
 each block may attend to: the sink, the selected key blocks and the window. A HiP layer then costs
 O(blocks x (sink + k + window)) instead of O(context) per block. Imports torch only.
+
+Two-tier (KV offload) mode: ``host_k_cache`` / ``host_v_cache`` hold pages ``G, G+1, ...`` of the cache
+(``G = k_cache.shape[0]``, physical page ``p >= G`` is ``host_*_cache[p - G]``; see ``kernels/reference.py``).
+Only the gathered rows are read from either tier; the cache is never concatenated.
 """
 from __future__ import annotations
 
@@ -12,8 +16,22 @@ import torch
 NEG_INF = float("-inf")
 
 
+def _gather(cache, host_cache, phys, off, heads):
+    """``cache[phys, off, heads]`` (broadcast) -> ``[..., D]``; pages ``phys >= G`` read from ``host_cache``."""
+    if host_cache is None:
+        return cache[phys, off, heads]
+    G = cache.shape[0]
+    phys, off, heads = torch.broadcast_tensors(phys, off, heads)
+    on_host = phys >= G
+    on_dev = ~on_host
+    rows = cache.new_empty(phys.shape + cache.shape[3:])
+    rows[on_dev] = cache[phys[on_dev], off[on_dev], heads[on_dev]]
+    rows[on_host] = host_cache[phys[on_host] - G, off[on_host], heads[on_host]]
+    return rows
+
+
 def _attend_chunk(q, k_cache, v_cache, block_table, seq_lens, req, start, length, pos0, ws, idx, *,
-                  sink_tokens, block_size_k, scale, max_len, out):
+                  sink_tokens, block_size_k, scale, max_len, out, host_k_cache=None, host_v_cache=None):
     """One chunk of query blocks (all tensors indexed by the chunk)."""
     dev = q.device
     C = req.shape[0]
@@ -41,8 +59,8 @@ def _attend_chunk(q, k_cache, v_cache, block_table, seq_lens, req, start, length
 
     phys = block_table.long()[req.long()[:, None, None], torch.div(pos, page, rounding_mode="floor")]
     heads = torch.arange(Hkv, device=dev)[None, :, None]
-    keys = k_cache[phys, pos % page, heads].float()  # [C, Hkv, P, D]
-    vals = v_cache[phys, pos % page, heads].float()
+    keys = _gather(k_cache, host_k_cache, phys, pos % page, heads).float()  # [C, Hkv, P, D]
+    vals = _gather(v_cache, host_v_cache, phys, pos % page, heads).float()
 
     rows = torch.arange(max_len, device=dev)
     row_ok = rows[None] < len64[:, None]  # [C, R]
@@ -61,12 +79,14 @@ def _attend_chunk(q, k_cache, v_cache, block_table, seq_lens, req, start, length
 
 def hip_attention_torch(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start,
                         indices, *, sink_tokens, block_size_k, scale, out=None, indices_row=None,
-                        max_keys_per_chunk: int = 1 << 22):
+                        max_keys_per_chunk: int = 1 << 22, host_k_cache=None, host_v_cache=None):
     """Block-sparse attention, same result as ``hip_attention_reference`` (fp32 softmax).
 
     ``indices_row`` maps each query block to its row of ``indices`` (decode mask cache). Query blocks are
     processed in chunks sized so that about ``max_keys_per_chunk`` gathered key rows are held at a time.
+    ``host_k_cache`` / ``host_v_cache``: host tier of a two-tier cache (module docstring), both or neither.
     """
+    assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
     if out is None:
         out = torch.empty(T, Hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
@@ -93,5 +113,6 @@ def hip_attention_torch(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_s
         sel = order[c : c + step]
         _attend_chunk(q, k_cache, v_cache, block_table, seq_lens, qb_req[sel], qb_start[sel], qb_len[sel],
                       qb_pos0[sel], window_start[sel], indices[sel], sink_tokens=sink_tokens,
-                      block_size_k=block_size_k, scale=scale, max_len=max_len, out=out)
+                      block_size_k=block_size_k, scale=scale, max_len=max_len, out=out,
+                      host_k_cache=host_k_cache, host_v_cache=host_v_cache)
     return out

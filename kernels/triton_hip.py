@@ -14,6 +14,14 @@ Ops:
   KV-head group (the G query heads x query rows share the M dimension of ``tl.dot``), with a split-K path and a
   log-sum-exp merge for small grids (decode).
 
+Two-tier (KV offload) mode: every op takes ``host_k_cache`` / ``host_v_cache`` (default None; ``hip_mask`` only
+the K one). Block tables and slot mappings then hold physical page ids in ``[0, G + H)`` with
+``G = k_cache.shape[0]``: page ``p < G`` is ``k_cache[p]``, page ``p >= G`` is ``host_k_cache[p - G]`` (its own
+strides). On CUDA the host tier is pinned host memory mapped into the GPU's address space (a UVA view: a CUDA
+tensor), read and written in place. Each op then launches a ``*_tiered`` kernel: the same ``@triton.jit`` body
+with the constexpr ``TIERED`` set, which picks the tier per cache row. Without a host tier the original kernels
+run, with their original arguments: same compiled code, same launch cost.
+
 Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors as well (the tests do that).
 """
 from __future__ import annotations
@@ -49,14 +57,48 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b)
 
 
+# ------------------------------------------------------------------------------------- two-tier addressing
+@triton.jit
+def _tiered_rows(ptr, phys, off, h, d, s0, s1, s2, s3, host_off, hs0, hs1, hs2, hs3, n_dev):
+    """Pointers ``[len(phys), len(d)]`` to elements ``(phys, off, h, d)`` of a two-tier paged cache at ``ptr``.
+
+    A page ``phys >= n_dev`` is page ``phys - n_dev`` of the host tier, which starts ``host_off`` elements after
+    ``ptr`` and has strides ``hs*``. The tier is picked per row, as an int64 element offset from the one base
+    pointer: selecting between two pointer tiles instead doubled the attention kernel's spills on H200 (46 vs 20)
+    and cost 5% more time. The untiered kernels keep their original inline address expression (even calling this
+    with the device tier only reordered the PTX enough to cost 2% in the mask kernel).
+    """
+    on_dev = phys < n_dev
+    row = tl.where(on_dev, phys * s0 + off * s1 + h * s2, host_off + (phys - n_dev) * hs0 + off * hs1 + h * hs2)
+    col = tl.where(on_dev[:, None], d[None, :] * s3, d[None, :] * hs3)  # one tile when s3 == hs3 == 1
+    return ptr + row[:, None] + col
+
+
+def _is_tiered(host_cache) -> bool:
+    return host_cache is not None and host_cache.shape[0] > 0
+
+
+def _tier_args(cache, host_cache):
+    """Arguments of a ``*_tiered`` kernel for one cache: the host tier's offset from ``cache`` in elements (the
+    kernels address both tiers from ``cache``'s pointer) and its four strides."""
+    assert host_cache.dtype == cache.dtype and tuple(host_cache.shape[1:]) == tuple(cache.shape[1:]), \
+        "host tier must have the device tier's dtype and page shape"
+    assert host_cache.device.type == cache.device.type, \
+        "host tier must be on the device tier's device type (on CUDA: a UVA view of pinned host memory)"
+    delta = host_cache.data_ptr() - cache.data_ptr()
+    assert delta % cache.element_size() == 0, "host tier not aligned to the element size"
+    return (delta // cache.element_size(), *host_cache.stride())
+
+
 # ----------------------------------------------------------------------------------------------- KV write
 @triton.jit
-def _kv_write_kernel(
+def _kv_write_body(
     key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
     sk0, sk1, sk2, sv0, sv1, sv2,
     skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
     page_size,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, TIERED: tl.constexpr,
 ):
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -67,15 +109,54 @@ def _kv_write_kernel(
     d = tl.arange(0, BD)
     ok = (tl.zeros([BD], tl.int64) + slot) >= 0
     kx = tl.load(key_ptr + t * sk0 + h * sk1 + d * sk2, mask=d < D)
-    tl.store(kc_ptr + blk * skc0 + off * skc1 + h * skc2 + d * skc3, kx.to(kc_ptr.dtype.element_ty), mask=(d < D) & ok)
+    kdst = kc_ptr + blk * skc0 + off * skc1 + h * skc2 + d * skc3
+    if TIERED:
+        kdst = tl.where(blk < n_dev, kdst, kc_ptr + hk_off + (blk - n_dev) * shk0 + off * shk1 + h * shk2 + d * shk3)
+    tl.store(kdst, kx.to(kc_ptr.dtype.element_ty), mask=(d < D) & ok)
     dv = tl.arange(0, BDV)
     okv = (tl.zeros([BDV], tl.int64) + slot) >= 0
     vx = tl.load(value_ptr + t * sv0 + h * sv1 + dv * sv2, mask=dv < DV)
-    tl.store(vc_ptr + blk * svc0 + off * svc1 + h * svc2 + dv * svc3, vx.to(vc_ptr.dtype.element_ty), mask=(dv < DV) & okv)
+    vdst = vc_ptr + blk * svc0 + off * svc1 + h * svc2 + dv * svc3
+    if TIERED:
+        vdst = tl.where(blk < n_dev, vdst, vc_ptr + hv_off + (blk - n_dev) * shv0 + off * shv1 + h * shv2 + dv * shv3)
+    tl.store(vdst, vx.to(vc_ptr.dtype.element_ty), mask=(dv < DV) & okv)
 
 
-def kv_write(key, value, k_cache, v_cache, slot_mapping):
-    """Write ``key``/``value`` ``[T, H, D]`` into ``k_cache``/``v_cache`` at ``slot_mapping`` (< 0: skipped)."""
+@triton.jit
+def _kv_write_kernel(
+    key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
+    sk0, sk1, sk2, sv0, sv1, sv2,
+    skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
+    page_size,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    _kv_write_body(key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sk2, sv0, sv1, sv2,
+                   skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3, page_size,
+                   0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                   D=D, DV=DV, BD=BD, BDV=BDV, TIERED=False)
+
+
+@triton.jit
+def _kv_write_kernel_tiered(
+    key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
+    sk0, sk1, sk2, sv0, sv1, sv2,
+    skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
+    page_size,
+    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+):
+    _kv_write_body(key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sk2, sv0, sv1, sv2,
+                   skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3, page_size,
+                   hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+                   D=D, DV=DV, BD=BD, BDV=BDV, TIERED=True)
+
+
+def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, host_v_cache=None):
+    """Write ``key``/``value`` ``[T, H, D]`` into ``k_cache``/``v_cache`` at ``slot_mapping`` (< 0: skipped).
+
+    With ``host_k_cache``/``host_v_cache`` (both or neither), slots of pages ``>= k_cache.shape[0]`` are written
+    to the host tier (module docstring)."""
+    assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, H, D = key.shape
     DV = value.shape[-1]
     if T == 0:
@@ -84,28 +165,34 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping):
         key = key.to(k_cache.dtype)
     if value.dtype != v_cache.dtype:
         value = value.to(v_cache.dtype)
-    _kv_write_kernel[(T, H)](
+    args = (
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         k_cache.shape[1],
-        D=D, DV=DV, BD=_p2(D), BDV=_p2(DV),
-        num_warps=1 if D <= 128 else 2,
     )
+    meta = dict(D=D, DV=DV, BD=_p2(D), BDV=_p2(DV), num_warps=1 if D <= 128 else 2)
+    if _is_tiered(host_k_cache):
+        _kv_write_kernel_tiered[(T, H)](*args, *_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache),
+                                        k_cache.shape[0], **meta)
+    else:
+        _kv_write_kernel[(T, H)](*args, **meta)
 
 
 # ------------------------------------------------------------------------------------------ mask estimation
 @triton.jit
-def _hip_mask_kernel(
+def _hip_mask_body(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_ptr, hi_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size,
+    hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TIERED: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -175,8 +262,12 @@ def _hip_mask_kernel(
                     pos = rep * BK + kr % BK
                     pos = tl.where(valid, pos, 0)
                     phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
-                    kt = tl.load(k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2
-                                 + d[None, :] * sk3, mask=valid[:, None], other=0.0)
+                    if TIERED:
+                        kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3,
+                                          hk_off, shk0, shk1, shk2, shk3, n_dev)
+                    else:
+                        kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
+                    kt = tl.load(kp, mask=valid[:, None], other=0.0)
                     s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
                     s = tl.where(rvalid[:, None], s, float("-inf"))
                     srow = tl.max(s, axis=0)  # [KROWS]
@@ -215,6 +306,47 @@ def _hip_mask_kernel(
             tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
 
 
+@triton.jit
+def _hip_mask_kernel(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_ptr, hi_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_mask_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
+        0, 0, 0, 0, 0, 0,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
+
+
+@triton.jit
+def _hip_mask_kernel_tiered(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_ptr, hi_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size,
+    hk_off, shk0, shk1, shk2, shk3, n_dev,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_mask_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
+        hk_off, shk0, shk1, shk2, shk3, n_dev,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True)
+
+
 # Round-parallel variant: one launch per round, the 2n halves of every (qb, head) scored by many programs; the
 # last program to finish a (qb, head) (atomic counter) does that round's top-n. Same result as the one-launch
 # kernel above; far more parallel when QB * Hkv is small (decode) and more loads in flight for prefill.
@@ -247,16 +379,18 @@ def _hip_mask_init_kernel(
 
 
 @triton.jit
-def _hip_mask_round_kernel(
+def _hip_mask_round_body(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd,
+    hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TIERED: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -310,8 +444,12 @@ def _hip_mask_round_kernel(
             rep = tl.where(valid, (clo + chi - 1) // 2, clo)
             pos = tl.where(valid, rep * BK + kr % BK, 0)
             phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
-            kt = tl.load(k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2
-                         + d[None, :] * sk3, mask=valid[:, None], other=0.0)
+            if TIERED:
+                kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3,
+                                  hk_off, shk0, shk1, shk2, shk3, n_dev)
+            else:
+                kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
+            kt = tl.load(kp, mask=valid[:, None], other=0.0)
             s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
             s = tl.where(rvalid[:, None], s, float("-inf"))
             srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
@@ -353,10 +491,53 @@ def _hip_mask_round_kernel(
                 tl.store(hi_out + pid * N_PAD + slot, chi2, mask=sel)
 
 
+@triton.jit
+def _hip_mask_round_kernel(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size, rnd,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_mask_round_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        sink_tokens, page_size, rnd,
+        0, 0, 0, 0, 0, 0,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS, CPP=CPP,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
+
+
+@triton.jit
+def _hip_mask_round_kernel_tiered(
+    q_ptr, k_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
+    out_ptr, out_row_ptr, active_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+    sink_tokens, page_size, rnd,
+    hk_off, shk0, shk1, shk2, shk3, n_dev,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_mask_round_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        sink_tokens, page_size, rnd,
+        hk_off, shk0, shk1, shk2, shk3, n_dev,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS, CPP=CPP,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True)
+
+
 def hip_mask(
     q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *,
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
-    out=None, out_row=None, active=None, single_launch: bool | None = None,
+    out=None, out_row=None, active=None, single_launch: bool | None = None, host_k_cache=None,
 ):
     """HiP v3 key-block selection, same result as ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
 
@@ -367,6 +548,7 @@ def hip_mask(
     fewer rounds exit early), each round scored by many programs per (qb, head). ``single_launch=True``: all
     rounds in one program per (qb, head) (identical result; 12x slower for decode batch 1, ~12% faster for
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
+    ``host_k_cache``: host tier of a two-tier cache (module docstring).
     """
     QB = qb_req.shape[0]
     T, Hq, D = q.shape
@@ -395,17 +577,18 @@ def hip_mask(
     has_active = active is not None
     act = active if has_active else qb_len
     ieee = q.dtype == torch.float32
+    tier = (*_tier_args(k_cache, host_k_cache), k_cache.shape[0]) if _is_tiered(host_k_cache) else ()
     scratch_sc = torch.empty((QB * Hkv * 2 * n_pad,), dtype=torch.float32, device=dev)
     if single_launch:
         scratch_lo = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
         scratch_hi = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
-        _hip_mask_kernel[(QB, Hkv)](
+        (_hip_mask_kernel_tiered if tier else _hip_mask_kernel)[(QB, Hkv)](
             q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
             out, out_row, act,
             scratch_sc, scratch_lo, scratch_hi,
             q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
-            int(sink_tokens), k_cache.shape[1],
+            int(sink_tokens), k_cache.shape[1], *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
             num_warps=4 if m_pad * krows <= 64 * 64 else 8,
@@ -433,13 +616,13 @@ def hip_mask(
     nch = triton.cdiv(total_chunks, cpp)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
-        _hip_mask_round_kernel[(QB, Hkv, nch)](
+        (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)](
             q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
             out, out_row, act,
             scratch_sc, lo[a], hi[a], lo[b], hi[b], cnt,
             q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
-            int(sink_tokens), k_cache.shape[1], r,
+            int(sink_tokens), k_cache.shape[1], r, *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, CPP=cpp, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
             num_warps=4 if m_pad * krows <= 64 * 64 else 8,
@@ -449,14 +632,16 @@ def hip_mask(
 
 # ------------------------------------------------------------------------------------ block-sparse attention
 @triton.jit
-def _hip_attn_kernel(
+def _hip_attn_body(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
     o_ptr, po_ptr, plse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
     QB, T, Hq, sink_tokens, page_size, qk_scale,
+    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TIERED: tl.constexpr,
 ):
     qb = QB - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
     h = tl.program_id(1)
@@ -513,8 +698,11 @@ def _hip_attn_kernel(
             pos = tl.where(kvalid, pos, 0)
             phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid, other=0).to(tl.int64)
             poff = pos % page_size
-            kt = tl.load(k_ptr + phys[:, None] * sk0 + poff[:, None] * sk1 + h * sk2 + d[None, :] * sk3,
-                         mask=kvalid[:, None], other=0.0)
+            if TIERED:
+                kp = _tiered_rows(k_ptr, phys, poff, h, d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev)
+            else:
+                kp = k_ptr + phys[:, None] * sk0 + poff[:, None] * sk1 + h * sk2 + d[None, :] * sk3
+            kt = tl.load(kp, mask=kvalid[:, None], other=0.0)
             s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
             s = s * qk_scale
             ok = kvalid[None, :] & (pos[None, :] <= qpos[:, None])
@@ -524,8 +712,11 @@ def _hip_attn_kernel(
             p = tl.exp2(s - m_sub[:, None])
             alpha = tl.exp2(m_i - m_sub)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_ptr + phys[:, None] * sv0 + poff[:, None] * sv1 + h * sv2 + dv[None, :] * sv3,
-                         mask=kvalid[:, None], other=0.0)
+            if TIERED:
+                vp = _tiered_rows(v_ptr, phys, poff, h, dv, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3, n_dev)
+            else:
+                vp = v_ptr + phys[:, None] * sv0 + poff[:, None] * sv1 + h * sv2 + dv[None, :] * sv3
+            vt = tl.load(vp, mask=kvalid[:, None], other=0.0)
             acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
             m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -538,6 +729,45 @@ def _hip_attn_kernel(
         else:
             tl.store(o_ptr + trow[:, None] * so0 + qhead[:, None] * so1 + dv[None, :] * so2,
                      o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
+
+
+@triton.jit
+def _hip_attn_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
+    o_ptr, po_ptr, plse_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
+    QB, T, Hq, sink_tokens, page_size, qk_scale,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_attn_body(
+        q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
+        o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
+        so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
+        UPCAST=UPCAST, TIERED=False)
+
+
+@triton.jit
+def _hip_attn_kernel_tiered(
+    q_ptr, k_ptr, v_ptr, bt_ptr,
+    qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
+    o_ptr, po_ptr, plse_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
+    QB, T, Hq, sink_tokens, page_size, qk_scale,
+    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    _hip_attn_body(
+        q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
+        o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
+        so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
+        hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+        G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
+        UPCAST=UPCAST, TIERED=True)
 
 
 @triton.jit
@@ -567,14 +797,17 @@ def hip_attention(
     q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start, indices, *,
     sink_tokens: int, block_size_k: int, scale: float, out=None, indices_row=None,
     num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
+    host_k_cache=None, host_v_cache=None,
 ):
     """Block-sparse attention, same result as ``hip_attention_reference``.
 
     ``indices_row`` int32 ``[QB]``: row of ``indices`` used by each query block (default ``arange``).
     ``num_splits``: split-K factor (default: automatic, > 1 only when the grid is small, e.g. decode).
     ``block_size_q``: largest query-block length (a hint for the tile height; default: 1 if every block is one
-    row, i.e. ``T == QB``, else 64). No host sync.
+    row, i.e. ``T == QB``, else 64). ``host_k_cache`` / ``host_v_cache``: host tier of a two-tier cache (both
+    or neither; module docstring). No host sync.
     """
+    assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     DV = v_cache.shape[-1]
@@ -610,13 +843,15 @@ def hip_attention(
     else:
         po = plse = out
     num_warps = 4 if M * max(D, DV) <= 64 * 128 else 8
-    _hip_attn_kernel[(QB, Hkv, S)](
+    tiered = _is_tiered(host_k_cache)
+    tier = (*_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache), k_cache.shape[0]) if tiered else ()
+    (_hip_attn_kernel_tiered if tiered else _hip_attn_kernel)[(QB, Hkv, S)](
         q, k_cache, v_cache, block_table,
         qb_req, qb_start, qb_len, qb_pos0, window_start, indices, indices_row,
         out, po, plse,
         q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), *v_cache.stride(), block_table.stride(0),
         indices.stride(0), indices.stride(1), indices.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634,
+        QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634, *tier,
         G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
         SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=2 if S > 1 else 3,
     )
@@ -627,7 +862,7 @@ def hip_attention(
 
 
 def dense_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc, *, scale, block_size_q=64,
-                    num_splits=None):
+                    num_splits=None, host_k_cache=None, host_v_cache=None):
     """Causal dense attention over the paged cache (HiP with every window starting at 0). Syncs once (host
     block cut); use ``hip_attention`` directly with precomputed query blocks inside graphs."""
     from .reference import make_query_blocks
@@ -636,4 +871,5 @@ def dense_attention(q, k_cache, v_cache, block_table, seq_lens, query_start_loc,
     zeros = torch.zeros_like(qb[0])
     idx = torch.full((qb[0].shape[0], k_cache.shape[2], 1), -1, dtype=torch.int32, device=q.device)
     return hip_attention(q, k_cache, v_cache, block_table, seq_lens, *qb, zeros, idx, sink_tokens=0,
-                         block_size_k=1, scale=scale, num_splits=num_splits, block_size_q=block_size_q)
+                         block_size_k=1, scale=scale, num_splits=num_splits, block_size_q=block_size_q,
+                         host_k_cache=host_k_cache, host_v_cache=host_v_cache)

@@ -194,6 +194,18 @@ class Server:
                 out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
         return out
 
+    def counter(self, name: str, **labels: str) -> float:
+        """Sum of Prometheus samples ``name`` whose labels include ``labels`` (e.g. finished_reason="length")."""
+        total = 0.0
+        for line in self.get("/metrics").splitlines():
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
+        return total
+
     def load(self) -> dict[str, float]:
         """Running and waiting requests and the KV-cache usage fraction."""
         m = self.metrics()

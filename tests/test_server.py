@@ -424,30 +424,24 @@ def test_generation_runs_to_the_context_limit(stack):
     stack.server.wait_idle(timeout=60)
 
 
-@pytest.mark.xfail(strict=False, reason="timing-dependent: failed once in a full-suite run on 2 loaded cores, passes alone")
 def test_client_disconnect_mid_stream_frees_kv(stack):
+    """A streaming client hangs up after 5 tokens of a request that would run ~1900 more: the request ends by
+    the hang-up (it never reaches its length limit), its KV blocks are freed, and the server serves on."""
     server = stack.server
     server.wait_idle(timeout=60)
+    finished_by_length = server.counter("vllm:request_success_total", finished_reason="length")
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
-    # A short prompt with nearly the whole context to generate: still decoding while we look, even when the
-    # server generates fast (it does not wait for the client to read).
     stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["short"], max_tokens=MAX_MODEL_LEN - 100,
                                        temperature=0.0, stream=True, extra_body={"ignore_eos": True})
-    got = 0
-    for chunk in stream:
-        got += 1
+    for got, _ in enumerate(stream, 1):
         if got == 5:
             break
-    deadline = time.time() + 15  # the metrics gauges are refreshed by the engine's stat logger, not instantly
-    busy = server.load()
-    while not (busy["running"] == 1 and busy["kv_usage"] > 0) and time.time() < deadline:
-        time.sleep(0.2)
-        busy = server.load()
-    assert busy["running"] == 1 and busy["kv_usage"] > 0, busy
     stream.close()
     client.close()
     idle = server.wait_idle(timeout=60)
     assert idle["kv_usage"] == 0
+    # Had the hang-up been missed, the request would have run to max_tokens and counted as finished by length.
+    assert server.counter("vllm:request_success_total", finished_reason="length") == finished_by_length
     assert _tokens(stack.complete("short", max_tokens=8).choices[0]) == stack.ref["short"][:8]
 
 
@@ -460,7 +454,6 @@ def _raw_stream_request(server: Server, prompt: str, max_tokens: int) -> socket.
     return s
 
 
-@pytest.mark.xfail(strict=False, reason="timing-dependent: failed once in a full-suite run on 2 loaded cores, passes alone")
 def test_abort_during_long_prefill_keeps_other_requests_intact(stack):
     """Two requests decode while a ~1900-token prompt is being prefilled in 256-token chunks; its client
     hangs up before the first token. The two others still produce the offline tokens, and the server ends
@@ -486,28 +479,34 @@ def test_abort_during_long_prefill_keeps_other_requests_intact(stack):
     assert all(e.wait(timeout=120) for e in decoding.values()), "the two requests never started decoding"
     sock = _raw_stream_request(server, stack.prompts["abortee"], max_tokens=64)
     try:
-        # Until the engine has taken the long prompt (its prefill takes several steps); best effort, the
-        # assertion below is what matters.
-        try:
-            server.wait_load(lambda m: m["running"] + m["waiting"] >= 3, timeout=10, poll=0.02)
-        except Exception:
-            pass
+        # The response headers come back once the server has accepted the request and started its stream;
+        # the first token follows only after ~8 prefill chunks. Hang up as soon as the headers arrive.
+        sock.settimeout(60)
+        early = b""
+        while b"\r\n\r\n" not in early:
+            part = sock.recv(1 << 16)
+            if not part:
+                break
+            early += part
         sock.setblocking(False)
         try:
-            early = sock.recv(1 << 16)
+            early += sock.recv(1 << 16)
         except BlockingIOError:
-            early = b""
-        in_prefill = b"data:" not in early
+            pass
+        accepted = early.startswith(b"HTTP/1.1 200")
+        in_prefill = accepted and b"data:" not in early
     finally:
         sock.close()  # the client hangs up
     for t in threads:
         t.join(timeout=600)
-    assert in_prefill, "the long prompt had already produced tokens: abort did not land in its prefill"
+    assert accepted, early[:200]
     for name in ("victim_a", "victim_b"):
         assert results.get(name, [])[:REF_TOKENS] == stack.ref[name], name
     server.wait_idle(timeout=60)
     # The aborted prompt's blocks are reusable and nothing stale is picked up.
     assert _tokens(stack.complete("mid", max_tokens=16).choices[0]) == stack.ref["mid"][:16]
+    if not in_prefill:  # everything above held, but the hang-up came after the first token: say so
+        pytest.xfail("the long prompt produced a token before the hang-up (machine faster than expected)")
 
 
 def test_server_idle_at_end(stack):

@@ -8,7 +8,9 @@ engine core, workers, Ray actors) and:
    ``VllmConfig`` before loading plugins rebuild it (and register the backend) on the way;
 3. on the CPU platform, which otherwise always picks CPU_ATTN, honours an explicit HIP selection;
 4. validates ``additional_config["hip"]`` when vLLM builds its config (in the front end, so a bad value
-   stops ``vllm serve`` in seconds, not after the engine has started).
+   stops ``vllm serve`` in seconds, not after the engine has started);
+5. routes the engine core's KV-cache planning through ``vllm_hip.kv_offload`` (a no-op unless
+   ``hip.offload`` is set with the HIP backend).
 """
 from __future__ import annotations
 
@@ -51,6 +53,9 @@ def register() -> None:
         member.__reduce_ex__ = _reduce_hip_member
     _patch_cpu_platform()
     _validate_hip_config_with_platform()
+    from vllm_hip.kv_offload import plan_and_shrink
+
+    compat.wrap_kv_cache_planning(plan_and_shrink)
 
 
 def _validate_hip_config_with_platform() -> None:

@@ -112,6 +112,21 @@ class QueryBlocks:
 
 
 @dataclass
+class DensePrefill:
+    """The prefill requests of a step as one FlashAttention varlen call: used by the dense layers, and by every
+    layer when all prefill requests are at most ``hip.dense_below_seq_len`` long. Prefill requests follow the
+    decode requests (the builder asks vLLM to reorder), so they are one contiguous run of rows and tokens."""
+
+    token_start: int
+    cu_seqlens_q: torch.Tensor
+    seqused_k: torch.Tensor
+    block_table: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    all_layers: bool
+
+
+@dataclass
 class HipMetadata:
     num_actual_tokens: int
     query_start_loc: torch.Tensor
@@ -122,6 +137,11 @@ class HipMetadata:
     decode: QueryBlocks | None
     no_indices: torch.Tensor  # [1, Hkv, 1] of -1: dense layers select nothing
     mask_caches: dict[str, torch.Tensor]  # layer name -> decode masks [rows, Hkv, n] (persistent)
+    dense_prefill: DensePrefill | None = None  # set where vLLM's FlashAttention can serve dense prefill
+    # KV offload (hip.offload): HiP layers address pages through these physical tables, two tiers each.
+    kv_block_table: torch.Tensor | None = None
+    kv_slot_mapping: torch.Tensor | None = None
+    host_kv: dict[str, torch.Tensor] | None = None  # layer name -> host tier (UVA view), same layout as kv_cache
 
 
 class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
@@ -154,6 +174,26 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # Decode masks of every layer of this group. Allocated at the first build, i.e. outside any CUDA-graph
         # capture (an allocation captured with its fill would reset the cache at every replay).
         self._mask_caches: dict[str, torch.Tensor] | None = None
+        # Dense prefill goes to vLLM's FlashAttention where it exists and takes the dtype (fp16/bf16 on CUDA):
+        # it runs near the roofline, our Triton kernel at a quarter of it.
+        self._fa_ok = False
+        dtype = vllm_config.model_config.dtype
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+            try:
+                why_not = ops.flash_attn_check(device, dtype, kv_cache_spec.head_size, self.num_kv_heads,
+                                               self.page_size)
+            except Exception as e:  # the check itself failed: keep the path that is known to work
+                why_not = f"check failed: {e!r}"[:300]
+            self._fa_ok = why_not is None
+            if why_not:  # same (dense) result, from the slower Triton kernel: say so
+                logger.warning("HIP: dense prefill stays on the Triton kernel: %s", why_not)
+            else:
+                logger.info("HIP: dense prefill (hip.dense_layers, requests below hip.dense_below_seq_len) runs on "
+                            "vLLM's FlashAttention")
+        # KV offload: host tiers and residency are built at the first step, once vLLM has bound the KV tensors.
+        self._offload = None
+        self._offload_step = 0
+        self._vllm_config = vllm_config
         # Decode requests first, so prefill and decode blocks are contiguous runs.
         self._init_reorder_batch_threshold(1)
 
@@ -186,15 +226,19 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         block_table = cm.block_table_tensor[:R]
         state = self.decode_state
 
-        prefill = None
+        prefill = dense_prefill = None
         if pf_reqs.numel():
             prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens, compat.seq_lens_host(cm))
             state.invalidate(block_table, seq_lens, self._h2d(pf_reqs))
+            dense_prefill = self._dense_prefill(cm, qsl_cpu, q_lens, pf_reqs) if self._fa_ok else None
         decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
         if self._mask_caches is None:
-            shape = (state.cache_rows, self.num_kv_heads, self.cfg.n_select)
-            self._mask_caches = {name: torch.full(shape, -1, dtype=torch.int32, device=self.device)
-                                 for name in self.layer_names if not self._is_dense_layer(name)}
+            hip_layers = [name for name in self.layer_names if not self._is_dense_layer(name)]
+            # One tensor for all layers, so offload reads every layer's selection in one gather.
+            self._mask_stack = torch.full((len(hip_layers), state.cache_rows, self.num_kv_heads, self.cfg.n_select),
+                                          -1, dtype=torch.int32, device=self.device)
+            self._mask_caches = {name: self._mask_stack[i] for i, name in enumerate(hip_layers)}
+        tiers = self._offload_tables(cm, seq_lens, block_table, decode) if self.cfg.offload.enabled else None
         return HipMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=cm.query_start_loc,
@@ -205,6 +249,75 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             decode=decode,
             no_indices=self.no_indices,
             mask_caches=self._mask_caches,
+            dense_prefill=dense_prefill,
+            **(tiers or {}),
+        )
+
+    def _offload_tables(self, cm, seq_lens, block_table, decode) -> dict:
+        """KV offload, once per step: mark the pages this step uses, move hot ones to the GPU, translate tables."""
+        from vllm_hip.kv_offload import HostTiers
+
+        cfg, page = self.cfg, self.page_size
+        if self._offload is None:
+            hip_layers = list(self._mask_caches)
+            self._offload = HostTiers(cfg, {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers},
+                                      page, self.device)
+            sched = self._vllm_config.scheduler_config
+            self._phys_bt = torch.zeros((sched.max_num_seqs, cm.block_table_tensor.shape[1]),
+                                        dtype=cm.block_table_tensor.dtype, device=self.device)
+            self._phys_slots = torch.full((sched.max_num_batched_tokens,), -1, dtype=cm.slot_mapping.dtype,
+                                          device=self.device)
+            i64 = dict(dtype=torch.int64, device=self.device)
+            self._window_cols = torch.arange(-(-cfg.sliding_window // page) + 1, **i64)
+            self._sink_cols = torch.arange(max(1, -(-cfg.sink_tokens // page)), **i64)
+        res = self._offload.residency
+        res.advance()
+        T, R, W = cm.num_actual_tokens, block_table.shape[0], block_table.shape[1]
+        slots = cm.slot_mapping[:T]
+        res.touch_slots(slots, page)
+        # Sink and sliding-window pages of every request: read at every step.
+        L = seq_lens.long()
+        last = ((L - 1).clamp(min=0) // page)[:, None]
+        cols = torch.cat([last - self._window_cols[None], self._sink_cols[None].expand(R, -1)], 1)
+        valid = (cols >= 0) & (cols * page < L[:, None])
+        res.touch(block_table.gather(1, cols.clamp(0, W - 1)), valid)
+        # Key blocks the decode requests' cached masks selected (every HiP layer, one gather).
+        if decode is not None:
+            sel = self._mask_stack[:, decode.mask_row.long()].transpose(0, 1)  # [n, layers, Hkv, n_select]
+            n = sel.shape[0]
+            sel = sel.reshape(n, -1)
+            cols = (sel.clamp(min=0).long() * cfg.block_size_k // page).clamp(max=W - 1)
+            res.touch(block_table[decode.req.long()].gather(1, cols), sel >= 0)
+        res.rebalance(self._offload.swap)
+        self._phys_bt[:R, :W].copy_(res.translate_block_table(block_table))
+        self._phys_slots[:T].copy_(res.translate_slots(slots, page))
+        self._phys_slots[T:].fill_(-1)  # padded tokens of a captured batch write nothing
+        self._offload_step += 1
+        if self._offload_step % 64 == 0:  # counters copied without a sync; values of the previous copy
+            from vllm_hip import kv_offload
+
+            kv_offload.LAST_STATS.update(self._offload.stats())
+            if self._offload_step % 1024 == 0:
+                logger.info("HiP KV offload: %s", kv_offload.LAST_STATS)
+        return dict(kv_block_table=self._phys_bt[:R, :W], kv_slot_mapping=self._phys_slots,
+                    host_kv=self._offload.host_kv)
+
+    def _dense_prefill(self, cm, qsl_cpu, q_lens, pf_reqs) -> DensePrefill | None:
+        p0, p1 = int(pf_reqs[0]), int(pf_reqs[-1]) + 1
+        if p1 - p0 != pf_reqs.numel():  # not one contiguous run (no reorder): the Triton path serves them all
+            return None
+        seq_host = compat.seq_lens_host(cm)[p0:p1]
+        t0 = int(qsl_cpu[p0])
+        below = self.cfg.dense_below_seq_len
+        return DensePrefill(
+            token_start=t0,
+            cu_seqlens_q=self._h2d(qsl_cpu[p0:p1 + 1] - t0),
+            seqused_k=cm.seq_lens[p0:p1],
+            block_table=cm.block_table_tensor[p0:p1],
+            max_seqlen_q=int(q_lens[p0:p1].max()),
+            max_seqlen_k=int(seq_host.max()),
+            # Offloaded HiP layers have host pages FlashAttention cannot address.
+            all_layers=bool(below) and int(seq_host.max()) <= below and not self.cfg.offload.enabled,
         )
 
     def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table) -> QueryBlocks:
@@ -298,6 +411,13 @@ class HipAttentionImpl(AttentionImpl):
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)
         n = slot_mapping.shape[0]
+        if self.cfg.offload.enabled:  # HiP layers write through the step's physical slots into two tiers
+            md = compat.forward_attn_metadata(layer.layer_name)
+            if md is not None and md.host_kv is not None and layer.layer_name in md.host_kv:
+                hk, hv = compat.split_kv_cache(md.host_kv[layer.layer_name], self.head_size)
+                ops.kv_write(key[:n], value[:n], k_cache, v_cache, md.kv_slot_mapping[:n],
+                             host_k_cache=hk, host_v_cache=hv)
+                return
         ops.kv_write(key[:n], value[:n], k_cache, v_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
@@ -317,22 +437,32 @@ class HipAttentionImpl(AttentionImpl):
         common = dict(sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=self.scale, out=out)
         mask_kw = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
                        sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
+        block_table, tier = md.block_table, {}
+        if md.host_kv is not None and layer.layer_name in md.host_kv:
+            hk, hv = compat.split_kv_cache(md.host_kv[layer.layer_name], self.head_size)
+            block_table, tier = md.kv_block_table, dict(host_k_cache=hk, host_v_cache=hv)
+        common.update(tier)
+        mask_kw["host_k_cache"] = tier.get("host_k_cache")
         for phase, qb in (("prefill", md.prefill), ("decode", md.decode)):
             if qb is None:
                 continue
-            args = (q, k_cache, v_cache, md.block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
+            args = (q, k_cache, v_cache, block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
             common["max_qb_len"] = cfg.block_size_q if qb.mask_row is None else 1
-            if self.dense:
+            dp = md.dense_prefill if phase == "prefill" else None
+            if dp is not None and (self.dense or dp.all_layers):
+                ops.flash_prefill(q, k_cache, v_cache, dp, scale=self.scale, out=out)
+                selected = None
+            elif self.dense:
                 ops.attention(*args, qb.dense_window_start, md.no_indices,
                               indices_row=qb.dense_window_start, **common)  # every block reads row 0
                 selected = None
             elif qb.mask_row is None:  # prefill: fresh masks for every query block
-                idx = ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start, **mask_kw)
+                idx = ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start, **mask_kw)
                 ops.attention(*args, qb.window_start, idx, **common)
                 selected = idx
             else:  # decode: refresh the cached masks that are due, reuse the rest
                 cache = md.mask_caches[layer.layer_name]
-                ops.mask(q, k_cache, md.block_table, qb.req, qb.start, qb.length, qb.window_start,
+                ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
                 ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
                 selected = cache[qb.mask_row.long()]

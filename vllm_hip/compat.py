@@ -98,3 +98,87 @@ def init_logger(name: str):
     from vllm.logger import init_logger as _init
 
     return _init(name)
+
+
+def flash_attn_varlen():
+    """``(flash_attn_varlen_func, fa_version)`` of vLLM's bundled FlashAttention, or None where it is absent
+    (CPU and ROCm builds, or an FA build without paged-KV support)."""
+    try:
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version, is_flash_attn_varlen_func_available
+
+        if not is_flash_attn_varlen_func_available():
+            return None
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        version = get_flash_attn_version()
+    except Exception:
+        return None
+    return (flash_attn_varlen_func, version) if version is not None else None
+
+
+def selects_backend(vllm_config, name: str) -> bool:
+    """Whether the user selected attention backend ``name`` (``--attention-backend``)."""
+    att = getattr(vllm_config, "attention_config", None)
+    backend = getattr(att, "backend", None)
+    return getattr(backend, "name", backend) == name
+
+
+def wrap_kv_cache_planning(wrapper) -> bool:
+    """Route vLLM's ``get_kv_cache_configs`` (engine core) through ``wrapper(original, *args)``.
+
+    Returns False where this vLLM plans the KV cache elsewhere (offload then stays unavailable and says so).
+    """
+    try:
+        import vllm.v1.engine.core as core
+    except Exception:
+        return False
+    original = getattr(core, "get_kv_cache_configs", None)
+    if original is None:
+        return False
+    if getattr(original, "_hip_wrapped", False):
+        return True
+
+    def get_kv_cache_configs(vllm_config, kv_cache_specs, available_memory):
+        return wrapper(original, vllm_config, kv_cache_specs, available_memory)
+
+    get_kv_cache_configs._hip_wrapped = True
+    core.get_kv_cache_configs = get_kv_cache_configs
+    return True
+
+
+def layer_kv_cache(vllm_config, layer_name: str) -> torch.Tensor:
+    """The KV cache tensor vLLM bound to attention layer ``layer_name``."""
+    kv = vllm_config.compilation_config.static_forward_context[layer_name].kv_cache
+    return kv[0] if isinstance(kv, (list, tuple)) else kv
+
+
+def forward_attn_metadata(layer_name: str):
+    """This step's metadata of ``layer_name`` from vLLM's forward context (None outside a forward)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # micro-batches: the first holds the layer's metadata for a plain step
+        md = md[0]
+    return md.get(layer_name) if isinstance(md, dict) else md
+
+
+def device_view_of_host(t: torch.Tensor) -> torch.Tensor:
+    """A CUDA tensor aliasing pinned host tensor ``t`` (UVA): kernels read and write host memory through it."""
+    try:
+        from vllm.utils.torch_utils import get_accelerator_view_from_cpu_tensor
+    except ImportError:  # older name
+        return torch.ops._C.get_cuda_view_from_cpu_tensor(t)
+    return get_accelerator_view_from_cpu_tensor(t)
+
+
+def kv_tensors_per_layer() -> bool:
+    """Whether workers allocate one KV tensor per layer from ``KVCacheConfig.kv_cache_tensors`` sizes (0.26).
+
+    Newer releases back all layers with one allocation (``KVCacheConfig.num_blocks_of``), which HiP offload
+    cannot shrink per layer yet.
+    """
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    return not hasattr(KVCacheConfig, "num_blocks_of")

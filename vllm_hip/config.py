@@ -19,12 +19,21 @@ class HipConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HipOffloadConfig:
-    """KV offload to host memory: reserved; any non-zero value is refused until it is implemented."""
+    """KV offload to host memory (``vllm_hip.kv_offload``): vLLM's KV pool grows by the pages that fit in
+    ``host_gib``; each HiP layer keeps ``gpu_blocks`` pages on the GPU and the rest in pinned host memory, and
+    pages move between the two by recency of use. Dense layers keep every page on the GPU. vLLM 0.26 layout."""
 
-    gpu_blocks: int = 0
-    """GPU KV blocks kept resident per request (sink + window + hot set); 0 disables offload."""
     host_gib: float = 0.0
-    """Pinned host memory for cold KV blocks, GiB."""
+    """Pinned host memory for KV pages of the HiP layers, GiB (per GPU); 0 disables offload."""
+    gpu_blocks: int = 0
+    """KV blocks of each HiP layer kept in GPU memory (shared by all requests); 0 = all the GPU KV memory vLLM
+    finds. Must hold the hot set of the running requests (sink + window + selected blocks) to run fast."""
+    max_moves: int = 64
+    """Pages swapped between host and GPU per step (promotions of recently used host pages)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_gib > 0
 
 
 @dataclass(frozen=True)
@@ -126,11 +135,12 @@ class HipConfig:
             )
         if any(i < 0 for i in self.dense_layers):
             raise HipConfigError(f"hip.dense_layers must hold non-negative indices, got {list(self.dense_layers)}")
-        if self.offload.gpu_blocks < 0 or self.offload.host_gib < 0:
-            raise HipConfigError("hip.offload.gpu_blocks and hip.offload.host_gib must be >= 0")
-        if self.offload.gpu_blocks or self.offload.host_gib:
-            raise HipConfigError("hip.offload (KV offload to host memory) is not implemented in this release; "
-                                 "remove the \"offload\" key")
+        off = self.offload
+        if off.gpu_blocks < 0 or off.host_gib < 0 or off.max_moves < 0:
+            raise HipConfigError("hip.offload.gpu_blocks, hip.offload.host_gib and hip.offload.max_moves must be >= 0")
+        if off.gpu_blocks and not off.host_gib:
+            raise HipConfigError("hip.offload.gpu_blocks is set but hip.offload.host_gib is 0: set host_gib (GiB of "
+                                 "pinned host memory for KV) to enable offload")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -151,11 +161,13 @@ def _parse_offload(value) -> HipOffloadConfig:
         raise HipConfigError(f"unknown key(s) {unknown} in hip.offload; valid keys: {sorted(known)}")
     gb = value.get("gpu_blocks", 0)
     hg = value.get("host_gib", 0.0)
-    if not _is_int(gb):
-        raise HipConfigError(f"hip.offload.gpu_blocks must be an integer, got {gb!r}")
+    mm = value.get("max_moves", HipOffloadConfig.max_moves)
+    for name, v in (("gpu_blocks", gb), ("max_moves", mm)):
+        if not _is_int(v):
+            raise HipConfigError(f"hip.offload.{name} must be an integer, got {v!r}")
     if not isinstance(hg, (int, float)) or isinstance(hg, bool):
         raise HipConfigError(f"hip.offload.host_gib must be a number, got {hg!r}")
-    return HipOffloadConfig(gpu_blocks=int(gb), host_gib=float(hg))
+    return HipOffloadConfig(host_gib=float(hg), gpu_blocks=int(gb), max_moves=int(mm))
 
 
 def hip_config_from_vllm(vllm_config) -> HipConfig:

@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from vllm_hip import compat
 from vllm_hip.kernels import reference as ref
 from vllm_hip.kernels import torch_hip
 
@@ -31,18 +32,23 @@ def _use_triton(t: torch.Tensor) -> bool:
     return True
 
 
-def kv_write(key, value, k_cache, v_cache, slot_mapping) -> None:
+def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host_v_cache=None) -> None:
+    """``host_*_cache``: the host tier of an offloaded layer (slots >= its device pages land there)."""
+    tier = dict(host_k_cache=host_k_cache, host_v_cache=host_v_cache) if host_k_cache is not None else {}
     if _use_triton(key):
-        _triton().kv_write(key, value, k_cache, v_cache, slot_mapping)
+        _triton().kv_write(key, value, k_cache, v_cache, slot_mapping, **tier)
     else:
-        ref.kv_write_reference(key, value, k_cache, v_cache, slot_mapping)
+        ref.kv_write_reference(key, value, k_cache, v_cache, slot_mapping, **tier)
 
 
 def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-         block_size_k, sink_tokens, query_stride, out=None, out_row=None, active=None) -> torch.Tensor:
+         block_size_k, sink_tokens, query_stride, out=None, out_row=None, active=None,
+         host_k_cache=None) -> torch.Tensor:
     """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows."""
     kw = dict(n_select=n_select, block_size_q=block_size_q, block_size_k=block_size_k,
               sink_tokens=sink_tokens, query_stride=query_stride)
+    if host_k_cache is not None:
+        kw["host_k_cache"] = host_k_cache
     if _use_triton(q):
         return _triton().hip_mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
                                   out=out, out_row=out_row, active=active, **kw)
@@ -59,13 +65,53 @@ def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_s
 
 
 def attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start,
-              indices, *, sink_tokens, block_size_k, scale, out, indices_row=None, max_qb_len=None) -> torch.Tensor:
+              indices, *, sink_tokens, block_size_k, scale, out, indices_row=None, max_qb_len=None,
+              host_k_cache=None, host_v_cache=None) -> torch.Tensor:
     """Block-sparse attention; ``max_qb_len`` (longest query block, 1 for decode) sizes the kernel's tiles."""
+    tier = dict(host_k_cache=host_k_cache, host_v_cache=host_v_cache) if host_k_cache is not None else {}
     if _use_triton(q):
         return _triton().hip_attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
                                        qb_pos0, window_start, indices, sink_tokens=sink_tokens,
                                        block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row,
-                                       block_size_q=max_qb_len)
+                                       block_size_q=max_qb_len, **tier)
     return torch_hip.hip_attention_torch(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
                                          qb_pos0, window_start, indices, sink_tokens=sink_tokens,
-                                         block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row)
+                                         block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row,
+                                         **tier)
+
+
+def flash_prefill(q, k_cache, v_cache, dp, *, scale, out) -> None:
+    """Dense causal prefill of the rows in ``dp`` (a ``backend.DensePrefill``) with vLLM's FlashAttention."""
+    fa, version = compat.flash_attn_varlen()
+    t0, T = dp.token_start, out.shape[0]
+    fa(q=q[t0:T], k=k_cache, v=v_cache, out=out[t0:T], cu_seqlens_q=dp.cu_seqlens_q, max_seqlen_q=dp.max_seqlen_q,
+       seqused_k=dp.seqused_k, max_seqlen_k=dp.max_seqlen_k, softmax_scale=scale, causal=True,
+       block_table=dp.block_table, fa_version=version)
+
+
+def flash_attn_check(device, dtype, head_size: int, num_kv_heads: int, page_size: int) -> str | None:
+    """Run vLLM's FlashAttention once on a small cache in our KV layout (K and V interleaved per token, read as
+    strided views) against our Triton dense kernel. None if they agree, else why FlashAttention cannot serve."""
+    found = compat.flash_attn_varlen()
+    if found is None:
+        return "vLLM's FlashAttention is not available"
+    fa, version = found
+    g = torch.Generator(device="cpu").manual_seed(0)
+    blocks, ctx, new = 6, 5 * page_size - 3, 37
+    kv = torch.randn(blocks, page_size, num_kv_heads, 2 * head_size, generator=g).to(device, dtype).transpose(1, 2)
+    k_cache, v_cache = compat.split_kv_cache(kv, head_size)
+    hq = 2 * num_kv_heads
+    q = torch.randn(new, hq, head_size, generator=g).to(device, dtype)
+    bt = torch.randperm(blocks, generator=g)[:5].to(device, torch.int32)[None]
+    seq = torch.tensor([ctx], dtype=torch.int32, device=device)
+    qsl = torch.tensor([0, new], dtype=torch.int32, device=device)
+    want = _triton().dense_attention(q, k_cache, v_cache, bt, seq, qsl, scale=head_size ** -0.5)
+    try:
+        got = torch.empty_like(q)
+        fa(q=q, k=k_cache, v=v_cache, out=got, cu_seqlens_q=qsl, max_seqlen_q=new, seqused_k=seq, max_seqlen_k=ctx,
+           softmax_scale=head_size ** -0.5, causal=True, block_table=bt, fa_version=version)
+    except Exception as e:  # layout or dtype FA rejects
+        return f"FlashAttention {version} rejected the layout: {e!r}"[:300]
+    torch.cuda.synchronize(device)
+    err = (got.float() - want.float()).abs().max().item()
+    return None if err < 2e-2 else f"FlashAttention {version} disagrees with the Triton kernel (max error {err:.3g})"

@@ -1,0 +1,165 @@
+"""HiP KV offload: a KV pool larger than GPU memory, with cold pages in pinned host memory.
+
+How it fits into vLLM without touching its scheduler:
+
+* Planning (engine core, ``plan_offload``): vLLM's block pool gets ``N = G + H`` blocks, where ``H`` pages of
+  every HiP layer fit in ``hip.offload.host_gib`` of host memory and ``G`` pages per HiP layer stay in GPU
+  memory (``hip.offload.gpu_blocks``, or all the GPU memory vLLM found for the KV cache). Dense layers
+  (``hip.dense_layers``) read every key at every step, so they keep all ``N`` pages on the GPU. vLLM then admits,
+  schedules, preempts and frees requests against ``N`` blocks exactly as usual.
+* Allocation: the per-layer KV tensors vLLM allocates for HiP layers are shrunk to ``G`` pages
+  (``shrink_kv_cache_configs``); the other ``H`` pages of each HiP layer are a pinned host tensor mapped into the
+  GPU's address space (``HostTiers``), which the Triton kernels read and write directly.
+* Residency (``vllm_hip.kv_residency.KVResidency``, one per step in the metadata builder): a logical -> physical
+  page permutation; the pages a step uses are marked, the most recently used host pages are swapped with the
+  least recently used GPU pages, and the block table / slot mapping handed to the HiP kernels are translated.
+  The permutation makes block accounting trivial: every logical page is stored exactly once, vLLM's frees and
+  preemptions need no hook, and nothing can leak or be freed twice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_hip import compat
+from vllm_hip.config import HipConfig, HipConfigError
+from vllm_hip.kernels.page_swap import PageSwapper
+from vllm_hip.kv_residency import KVResidency
+
+LAST_STATS: dict = {}  # the latest offload statistics of this process (hit rate, bytes moved), for benchmarks
+
+logger = compat.init_logger(__name__)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    page_bytes: int  # one page (vLLM block) of one layer
+    hip_layers: tuple[str, ...]
+    dense_layers: tuple[str, ...]
+    device_pages: int  # G: pages of each HiP layer in GPU memory
+    host_pages: int  # H: pages of each HiP layer in host memory
+
+    @property
+    def num_pages(self) -> int:
+        return self.device_pages + self.host_pages
+
+    def gpu_bytes(self) -> int:
+        return self.page_bytes * (len(self.dense_layers) * self.num_pages + len(self.hip_layers) * self.device_pages)
+
+    def host_bytes(self) -> int:
+        return self.page_bytes * len(self.hip_layers) * self.host_pages
+
+
+def host_pages_for(cfg: HipConfig, page_bytes: int, num_hip_layers: int) -> int:
+    """Host pages per HiP layer that ``hip.offload.host_gib`` holds (the same number on every process)."""
+    return int(cfg.offload.host_gib * 2**30) // (page_bytes * max(1, num_hip_layers))
+
+
+def is_dense_layer(cfg: HipConfig, layer_name: str) -> bool:
+    try:
+        return compat.extract_layer_index(layer_name) in cfg.dense_layers
+    except Exception:
+        return False
+
+
+def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int) -> OffloadPlan:
+    """Split of the KV pool between GPU and host memory; raises ``HipConfigError`` naming the fix."""
+    pages = {getattr(s, "page_size_bytes", None) for s in layer_specs.values()}
+    if len(pages) != 1 or None in pages:
+        raise HipConfigError("hip.offload supports models whose attention layers all have one KV page size "
+                             f"(found {sorted(p for p in pages if p)}); remove hip.offload for this model")
+    page_bytes = pages.pop()
+    names = sorted(layer_specs)
+    dense = tuple(n for n in names if is_dense_layer(cfg, n))
+    hip = tuple(n for n in names if n not in dense)
+    if not hip:
+        raise HipConfigError("hip.offload needs at least one HiP (non-dense) layer; check hip.dense_layers")
+    H = host_pages_for(cfg, page_bytes, len(hip))
+    if H <= 0:
+        raise HipConfigError(f"hip.offload.host_gib={cfg.offload.host_gib} holds no KV page "
+                             f"({page_bytes * len(hip)} bytes per page over {len(hip)} HiP layers); raise it")
+    avail_pages = available_bytes // page_bytes
+    if cfg.offload.gpu_blocks:
+        G = cfg.offload.gpu_blocks
+    else:  # all the GPU KV memory vLLM found: dense layers hold N = G + H pages, HiP layers G
+        G = (avail_pages - len(dense) * H) // (len(dense) + len(hip))
+    plan = OffloadPlan(page_bytes, hip, dense, G, H)
+    if G <= 0 or plan.gpu_bytes() > available_bytes:
+        raise HipConfigError(
+            f"hip.offload does not fit in the GPU KV memory vLLM found ({available_bytes / 2**30:.2f} GiB): "
+            f"{len(dense)} dense layers keep all {G + H} pages on the GPU and {len(hip)} HiP layers {G} pages, "
+            f"{plan.gpu_bytes() / 2**30:.2f} GiB. Lower hip.offload.gpu_blocks or hip.offload.host_gib, use fewer "
+            f"hip.dense_layers, or raise --gpu-memory-utilization")
+    return plan
+
+
+def shrink_kv_cache_configs(configs, plan: OffloadPlan) -> None:
+    """Make vLLM allocate ``G`` pages (not ``N``) of GPU memory for each HiP layer's KV tensor."""
+    hip = set(plan.hip_layers)
+    for kv_cfg in configs:
+        for t in kv_cfg.kv_cache_tensors:
+            if not hip.intersection(t.shared_by):
+                continue
+            if len(t.shared_by) != 1 or getattr(t, "block_stride", 0) or getattr(t, "offset", 0):
+                raise HipConfigError("hip.offload needs one KV tensor per layer; this vLLM packs several layers "
+                                     "into one allocation, which offload does not support yet. Remove hip.offload")
+            t.size = plan.device_pages * plan.page_bytes
+
+
+def plan_and_shrink(original, vllm_config, kv_cache_specs, available_memory):
+    """Wrapper of vLLM's ``get_kv_cache_configs`` (installed by ``register()``): offload planning."""
+    from vllm_hip.config import hip_config_from_vllm
+
+    cfg = hip_config_from_vllm(vllm_config)
+    if not cfg.offload.enabled or not compat.selects_backend(vllm_config, "HIP"):
+        return original(vllm_config, kv_cache_specs, available_memory)
+    if not compat.kv_tensors_per_layer():
+        raise HipConfigError("hip.offload needs vLLM's per-layer KV tensors (vLLM 0.26 on CUDA); this vLLM backs all "
+                             "layers with one allocation, which offload does not support yet. Remove hip.offload")
+    plan = plan_offload(cfg, kv_cache_specs[0], min(available_memory))
+    vllm_config.cache_config.num_gpu_blocks_override = plan.num_pages
+    configs = original(vllm_config, kv_cache_specs, available_memory)
+    shrink_kv_cache_configs(configs, plan)
+    block = vllm_config.cache_config.block_size
+    logger.info(
+        "HiP KV offload: pool of %d blocks (%d tokens); %d dense layers keep them all on the GPU, %d HiP layers "
+        "keep %d on the GPU and %d in pinned host memory (%.1f GiB GPU KV, %.1f GiB host KV)",
+        plan.num_pages, plan.num_pages * block, len(plan.dense_layers), len(plan.hip_layers), plan.device_pages,
+        plan.host_pages, plan.gpu_bytes() / 2**30, plan.host_bytes() / 2**30)
+    return configs
+
+
+class HostTiers:
+    """The host tier of every HiP layer of one KV-cache group, plus the residency that maps pages onto tiers.
+
+    Built by the metadata builder at its first step, after vLLM allocated the (shrunk) device tensors.
+    """
+
+    def __init__(self, cfg: HipConfig, layer_kv: dict[str, torch.Tensor], page_size: int, device):
+        first = next(iter(layer_kv.values()))
+        G = first.shape[0]  # [pages, Hkv, page, 2*hs] logical view of [pages, page, Hkv, 2*hs] storage
+        page_bytes = first[0].numel() * first.element_size()
+        H = host_pages_for(cfg, page_bytes, len(layer_kv))
+        self.page_size = page_size
+        self.page_bytes = page_bytes
+        self.host_kv: dict[str, torch.Tensor] = {}
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pin = torch.device(device).type == "cuda"
+        for name, kv in layer_kv.items():
+            storage = kv.transpose(1, 2)  # [G, page, Hkv, 2*hs], contiguous
+            if not storage.is_contiguous() or kv.shape[0] != G:
+                raise RuntimeError(f"unexpected KV cache layout for {name}: shape {tuple(kv.shape)}, "
+                                   f"strides {kv.stride()}")
+            host = torch.empty((H, *storage.shape[1:]), dtype=kv.dtype, pin_memory=pin)
+            host = compat.device_view_of_host(host) if pin else host
+            self.host_kv[name] = host.transpose(1, 2)  # same logical view as the device tier
+            self.pairs.append((storage.view(G, -1), host.view(H, -1)))
+        self.residency = KVResidency(G + H, G, device, cfg.offload.max_moves)
+        # One launch for all layers, moving only the pages that change tier (CUDA); the torch loop on CPU.
+        self.swap = PageSwapper(self.pairs, device) if pin else self.pairs
+        logger.info("HiP KV offload: %d layers x %d host pages (%.1f GiB pinned), %d GPU pages, %d moves/step",
+                    len(layer_kv), H, H * page_bytes * len(layer_kv) / 2**30, G, cfg.offload.max_moves)
+
+    def stats(self) -> dict:
+        return self.residency.stats_async(self.page_bytes * len(self.pairs))
