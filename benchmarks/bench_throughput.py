@@ -33,10 +33,15 @@ LLAMA_8B = {
 }
 
 
-def write_model_dir(path: Path, tokenizer_dir: Path, max_len: int) -> Path:
-    """config.json of Llama-3.1-8B shapes plus a small local tokenizer (prompts are token ids anyway)."""
+SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=32, vocab_size=4096, rope_scaling=None, torch_dtype="float32")
+
+
+def write_model_dir(path: Path, tokenizer_dir: Path, max_len: int, smoke: bool = False) -> Path:
+    """config.json of Llama-3.1-8B shapes (``smoke``: a tiny Llama, to check the script on CPU) plus a small
+    local tokenizer (prompts are token ids anyway)."""
     path.mkdir(parents=True, exist_ok=True)
-    cfg = dict(LLAMA_8B, max_position_embeddings=max(max_len, 131072))
+    cfg = dict(LLAMA_8B, max_position_embeddings=max(max_len, 131072), **(SMOKE if smoke else {}))
     (path / "config.json").write_text(json.dumps(cfg, indent=1))
     for f in tokenizer_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
@@ -96,7 +101,7 @@ def worker(a) -> None:
             return {}
         return {f"offload_{k}": v for k, v in kv_offload.LAST_STATS.items() if k in ("hit_rate", "bytes_moved")}
     g = torch.Generator().manual_seed(0)
-    vocab = 32000
+    vocab = 4000 if a.smoke else 32000
 
     def prompts(n, length):
         return [TokensPrompt(prompt_token_ids=torch.randint(100, vocab, (length,), generator=g).tolist())
@@ -129,7 +134,7 @@ def worker(a) -> None:
                 "ttft_last_s": round(ttft[-1], 3), "total_s": round(t_end - t0, 3),
                 "decode_tok_s": round((sum(ntok.values()) - tok_all) / max(t_end - t_all, 1e-9), 1)}
 
-    run(prompts(1, 1024), 8)  # warm-up (Triton compilation, graph capture leftovers)
+    run(prompts(1, min(1024, max_len - 24)), 8)  # warm-up (Triton compilation, graph capture leftovers)
     for length in a.lengths:
         fits = max(1, min(a.max_seqs, pool_tokens // (length + a.output_len)))
         for n in sorted({1, fits}):
@@ -164,6 +169,7 @@ def main() -> None:
     ap.add_argument("--offload-reqs", type=int, default=1)
     ap.add_argument("--log", default=None)
     ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")
+    ap.add_argument("--smoke", action="store_true", help="a tiny Llama instead of 8B shapes (checks the script on CPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -177,7 +183,7 @@ def main() -> None:
         import assets
 
         tok_dir = assets.make_tiny_llama()
-    write_model_dir(Path(a.model_dir), tok_dir, max(a.lengths) + a.output_len + 16)
+    write_model_dir(Path(a.model_dir), tok_dir, max(a.lengths) + a.output_len + 16, smoke=a.smoke)
     if a.model_only:
         return
     rows = []
@@ -192,7 +198,8 @@ def main() -> None:
     if a.log:
         Path(a.log).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     gpu = next((r["gpu"] for r in rows if r.get("event") == "startup"), "?")
-    print(f"\nvLLM offline throughput, Llama-3.1-8B shapes (dummy weights, bf16), GPU: {gpu}")
+    shapes = "a tiny Llama (--smoke)" if a.smoke else "Llama-3.1-8B shapes"
+    print(f"\nvLLM offline throughput, {shapes} (dummy weights), device: {gpu}")
     for r in rows:
         if r.get("event") == "offload":
             print(f"HIP_OFFLOAD: hip.offload = {r['config']}")

@@ -13,6 +13,11 @@
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests,
 #             then the longest single request HIP_OFFLOAD serves (LONGEST, default 1M tokens).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
+#
+# On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
+# after 30 s idle): `install kernels vllm` (~6 min with SmolLM2), `throughput` (~8 min), `offload` (~8 min),
+# `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
+# two commands); set SMOLLM2_GGUF to the joined file for `install`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hip-gpu-out}
@@ -45,7 +50,7 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
     offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
                --offload-reqs 6 --max-seqs 6 --log "$OUT/offload.jsonl" 2>&1 | tee "$OUT/bench_offload.log" | tail -12
              python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1048576} --output-len 64 \
-               --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-90}}" \
+               --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-58}}" \
                --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
     serve) [ -d /tmp/llama8b-dummy ] || python3 benchmarks/bench_throughput.py --model-only
            OUT="$OUT/serve" bash benchmarks/serve_bench.sh /tmp/llama8b-dummy "FLASH_ATTN HIP" ${SERVE_ARGS:-32768 256 32 8} \

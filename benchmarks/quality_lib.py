@@ -267,8 +267,9 @@ class HipSim:
     Use as a context manager around ``model(...)`` calls; ``reset()`` before each new sequence.
     """
 
-    def __init__(self, cfg=None, num_layers: int = 30):
+    def __init__(self, cfg=None, num_layers: int = 30, mask_fn=None):
         self.cfg = _cfg(cfg)
+        self.mask_fn = mask_fn or hip_mask_reference  # experiments swap in other selections (mask_variants.py)
         self.num_layers = num_layers
         self.state: dict[int, tuple] = {}
         self._saved = None
@@ -311,7 +312,7 @@ class HipSim:
             qb_req, qb_start, qb_len, qb_pos0 = make_query_blocks(qsl, torch.tensor([L], dtype=torch.int32),
                                                                   cfg.block_size_q)
             ws = window_starts(qb_pos0, cfg.sliding_window, bk)
-            idx = hip_mask_reference(q.float(), kc, bt, qb_req, qb_start, qb_len, ws, n_select=cfg.n_select,
+            idx = self.mask_fn(q.float(), kc, bt, qb_req, qb_start, qb_len, ws, n_select=cfg.n_select,
                                      block_size_q=cfg.block_size_q, block_size_k=bk,
                                      sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
             for b in range(qb_req.shape[0]):
@@ -325,7 +326,7 @@ class HipSim:
             if st is None or not (0 < L - st[0] < cfg.mask_refresh_interval):
                 w = max(0, (L - 1 - cfg.sliding_window) // bk * bk)
                 one = torch.ones(1, dtype=torch.int32)
-                idx = hip_mask_reference(q.float(), kc, bt, one * 0, one * 0, one, torch.tensor([w], dtype=torch.int32),
+                idx = self.mask_fn(q.float(), kc, bt, one * 0, one * 0, one, torch.tensor([w], dtype=torch.int32),
                                          n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=bk,
                                          sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
                 st = self.state[li] = (L, w, idx[0])

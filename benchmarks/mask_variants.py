@@ -1,0 +1,116 @@
+"""Mask-selection variants for quality experiments (torch, CPU): drop-in replacements of
+``kernels.reference.hip_mask_reference`` with the same arguments and output, used by ``bench_mask_variants.py``.
+
+* ``oracle``: the exact top-n key blocks under HiP's own block score (max of q.k over the block's scored
+  queries, the KV group's heads and the block's keys): the best any block selection with the same budget can do.
+* ``staged``: an InfiniteHiP-style staged search (hip.md, "InfiniteHiP refinements", in our words): the
+  candidates are cut into chunks of ``C`` tokens, each chunk is scored by a top-1 probe (halve the chunk
+  ``log2(C / bk)`` times, each time keeping the half whose centre key block scores higher; the chunk's score is
+  the score of the block reached), the best chunks covering ``keep`` tokens survive; the next stage does the same
+  with smaller chunks inside the survivors; finally every key block of the survivors is scored and the best n kept.
+
+These are evaluation tools, not product kernels: they score every candidate key of every query block (quadratic
+on purpose, so each algorithm's choice is compared on identical block scores).
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.reference import strided_query_rows
+
+NEG_INF = float("-inf")
+
+
+def _block_scores(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, block_size_q, block_size_k,
+                  sink_tokens, query_stride):
+    """Per query block: ``(begin, count, scores [Hkv, count])`` of the candidate key blocks (HiP's block score)."""
+    bk = block_size_k
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    page = k_cache.shape[1]
+    rows, rvalid = strided_query_rows(qb_start, qb_len, block_size_q, query_stride)
+    out = []
+    for b in range(qb_req.shape[0]):
+        begin, end = sink_tokens // bk, int(window_start[b]) // bk
+        count = max(0, end - begin)
+        if count == 0:
+            out.append((begin, 0, None))
+            continue
+        pos = torch.arange(begin * bk, end * bk)
+        phys = block_table[int(qb_req[b])].long()[pos // page]
+        keys = k_cache[phys, pos % page].float()  # [P, Hkv, D]
+        r = rows[b][rvalid[b]]
+        qs = q[r].float().view(-1, Hkv, G, D)  # [NQ, Hkv, G, D]
+        s = torch.einsum("nhgd,phd->hpng", qs, keys).flatten(2).amax(-1)  # [Hkv, P]
+        out.append((begin, count, s.view(Hkv, count, bk).amax(-1)))
+    return out
+
+
+def _finish(out, b, begin, chosen, n):
+    chosen = torch.sort(chosen, dim=-1).values
+    out[b, :, : chosen.shape[1]] = (chosen + begin).to(torch.int32)
+
+
+def mask_oracle(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
+                block_size_k, sink_tokens, query_stride=1):
+    QB, Hkv = qb_req.shape[0], k_cache.shape[2]
+    out = torch.full((QB, Hkv, n_select), -1, dtype=torch.int32)
+    for b, (begin, count, s) in enumerate(_block_scores(
+            q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, block_size_q=block_size_q,
+            block_size_k=block_size_k, sink_tokens=sink_tokens, query_stride=query_stride)):
+        if count:
+            _finish(out, b, begin, torch.topk(s, min(n_select, count), dim=-1).indices, n_select)
+    return out
+
+
+def _probe(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Top-1 probe of the block ranges ``[lo, hi)`` (``[H, C]`` each) of scores ``s [H, count]``: halve each
+    range, keep the half whose centre block scores higher, until one block is left; returns its score."""
+    lo, hi = lo.clone(), hi.clone()
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        left = s.gather(1, (lo + mid - 1) // 2)
+        right = s.gather(1, (mid + hi - 1) // 2)
+        split = hi - lo > 1
+        go_left = left >= right
+        lo = torch.where(split & ~go_left, mid, lo)
+        hi = torch.where(split & go_left, mid, hi)
+    return s.gather(1, lo)
+
+
+def mask_staged(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
+                block_size_k, sink_tokens, query_stride=1, stages=((256, 8192), (32, 2048))):
+    """``stages``: ``(chunk_tokens, keep_tokens)`` per stage, coarse to fine."""
+    bk = block_size_k
+    QB, Hkv = qb_req.shape[0], k_cache.shape[2]
+    out = torch.full((QB, Hkv, n_select), -1, dtype=torch.int32)
+    for b, (begin, count, s) in enumerate(_block_scores(
+            q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, block_size_q=block_size_q,
+            block_size_k=bk, sink_tokens=sink_tokens, query_stride=query_stride)):
+        if not count:
+            continue
+        # alive[h, j]: block j still a candidate for head h
+        alive = torch.ones(Hkv, count, dtype=torch.bool)
+        for chunk_tokens, keep_tokens in stages:
+            cb = max(1, chunk_tokens // bk)
+            n_chunks = -(-count // cb)
+            keep = max(1, keep_tokens // chunk_tokens)
+            if n_chunks <= keep:
+                continue
+            masked = s.masked_fill(~alive, NEG_INF)
+            lo = (torch.arange(n_chunks) * cb)[None].expand(Hkv, -1)
+            hi = torch.clamp(lo + cb, max=count)
+            scores = _probe(masked, lo, hi)
+            pad = torch.zeros(Hkv, n_chunks * cb, dtype=torch.bool)
+            pad[:, :count] = alive
+            scores = scores.masked_fill(~pad.view(Hkv, n_chunks, cb).any(-1), NEG_INF)
+            best = torch.topk(scores, keep, dim=-1).indices  # [Hkv, keep]
+            chunk_ok = torch.zeros(Hkv, n_chunks, dtype=torch.bool).scatter_(1, best, True)
+            alive &= chunk_ok.repeat_interleave(cb, 1)[:, :count]
+        final = s.masked_fill(~alive, NEG_INF)
+        m = min(n_select, count)
+        top = torch.topk(final, m, dim=-1)
+        chosen = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1 - begin))
+        _finish(out, b, begin, chosen, n_select)
+    return out
