@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default="dense,v3,staged,oracle")
     ap.add_argument("--hip", default="{}", help="HipConfig JSON (defaults otherwise)")
+    ap.add_argument("--stages", default=None, help='staged search as JSON [[chunk_tokens, keep_tokens], ...] '
+                    '(default [[256, 16k], [32, 4k]] with k = hip.k)')
     ap.add_argument("--ppl-length", type=int, default=0, help="also perplexity on this many tokens of the plays")
     ap.add_argument("--out", default=str(HERE / "results" / "mask_variants.json"))
     a = ap.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = HipConfig.from_dict(json.loads(a.hip))
     model, tok = ql.load_smollm2()
-    stages = ((256, 16 * cfg.k), (32, 4 * cfg.k))
+    stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
     fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]

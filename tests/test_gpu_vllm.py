@@ -41,10 +41,13 @@ def test_all_dense_matches_triton_attn(tiny_model, prompts, dense):
     assert got == dense
 
 
-def test_exact_hip_matches_triton_attn(tiny_model, prompts, dense):
-    """HiP active (mask kernel + sparse attention, chunked prefill, mixed batches) with k >= every context."""
+@pytest.mark.parametrize("runner", ["1", "0"], ids=["model-runner-v2", "model-runner-v1"])
+def test_exact_hip_matches_triton_attn(tiny_model, prompts, dense, runner):
+    """HiP active (mask kernel + sparse attention, chunked prefill, mixed batches) with k >= every context, on
+    both of vLLM 0.26's model runners."""
     hip = dict(HIP_ACTIVE, k=4096)
-    got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True))["tokens"]
+    got = run_vllm(_spec(tiny_model, "HIP", hip, prompts, max_num_batched_tokens=256, enforce_eager=True),
+                   env={"VLLM_USE_V2_MODEL_RUNNER": runner})["tokens"]
     assert got == dense
 
 
