@@ -262,6 +262,11 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             hip_layers = list(self._mask_caches)
             self._offload = HostTiers(cfg, {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers},
                                       page, self.device)
+            cache = self._vllm_config.cache_config
+            pool = (cache.num_gpu_blocks or 0) * max(1, cache.block_size // page)  # set where the core shares it
+            if pool and pool != self._offload.residency.num_pages:
+                raise RuntimeError(f"HiP KV offload: vLLM's pool has {pool} blocks but the tiers hold "
+                                   f"{self._offload.residency.num_pages} pages; the KV-cache plan and the worker disagree")
             sched = self._vllm_config.scheduler_config
             self._phys_bt = torch.zeros((sched.max_num_seqs, cm.block_table_tensor.shape[1]),
                                         dtype=cm.block_table_tensor.dtype, device=self.device)
