@@ -10,6 +10,7 @@ from .reference import (  # noqa: F401
     num_rounds,
     selected_fraction,
     strided_query_rows,
+    swap_pages_reference,
     tiered_cache,
     window_starts,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "num_rounds",
     "selected_fraction",
     "strided_query_rows",
+    "swap_pages_reference",
     "tiered_cache",
     "window_starts",
 ]

@@ -1,7 +1,7 @@
 """Page swaps between the device and host tiers of offloaded KV caches (HiP KV offload).
 
-``swap_pages_reference`` is the readable torch version (a few ops per layer, and it copies every candidate pair,
-active or not); ``swap_pages`` is one Triton launch for all layers that moves only the active pairs. Each
+``reference.swap_pages_reference`` is the readable torch version (a few ops per layer, and it copies every
+candidate pair, active or not); ``PageSwapper`` is one Triton launch for all layers that moves only the active pairs. Each
 layer's tier is addressed by its base address (int64), so tiers in different allocations, GPU memory and
 pinned host memory mapped into the GPU's address space (UVA), are handled alike. Imports torch and triton only.
 """
@@ -11,17 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def swap_pages_reference(pairs, d_idx: torch.Tensor, h_idx: torch.Tensor, do: torch.Tensor) -> None:
-    """For every ``(device_tier, host_tier)`` in ``pairs`` (pages on dim 0): swap page ``d_idx[i]`` of the
-    device tier with page ``h_idx[i]`` of the host tier where ``do[i]``; other pairs stay as they are."""
-    k = d_idx.shape[0]
-    for dev_t, host_t in pairs:
-        a = dev_t.index_select(0, d_idx)
-        b = host_t.index_select(0, h_idx)
-        m = do.view((k,) + (1,) * (a.dim() - 1))
-        dev_t.index_copy_(0, d_idx, torch.where(m, b, a))
-        host_t.index_copy_(0, h_idx, torch.where(m, a, b))
+from .reference import swap_pages_reference  # noqa: F401  (the oracle of PageSwapper; re-exported)
 
 
 @triton.jit

@@ -309,3 +309,19 @@ def num_rounds(candidates: int, n_select: int) -> int:
     if candidates <= n_select:
         return 0
     return math.ceil(math.log2(math.ceil(candidates / n_select)))
+
+
+# ------------------------------------------------------------------------------ KV offload page swaps
+def swap_pages_reference(pairs, d_idx: torch.Tensor, h_idx: torch.Tensor, do: torch.Tensor) -> None:
+    """For every ``(device_tier, host_tier)`` in ``pairs`` (pages on dim 0): swap page ``d_idx[i]`` of the
+    device tier with page ``h_idx[i]`` of the host tier where ``do[i]``; other pairs stay as they are.
+    Static shapes (every candidate pair is copied, inactive ones back onto themselves): no host sync."""
+    k = d_idx.shape[0]
+    for dev_t, host_t in pairs:
+        hi, di = h_idx.to(host_t.device), d_idx.to(dev_t.device)
+        a = dev_t.index_select(0, di)
+        b = host_t.index_select(0, hi).to(a.dtype)
+        m = do.to(a.device).view((k,) + (1,) * (a.dim() - 1))
+        dev_t.index_copy_(0, di, torch.where(m, b, a))
+        host_t.index_copy_(0, hi, torch.where(m, a, b).to(host_t.dtype))
+

@@ -23,18 +23,12 @@ from vllm_hip.compat import (
 )
 from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 from vllm_hip.kernels.reference import make_query_blocks, window_starts
+from vllm_hip.kv_offload import LAST_STATS, HostTiers, is_dense_layer, layer_index
 from vllm_hip.mask_state import DecodeMaskState
 
 logger = compat.init_logger(__name__)
 
 SUPPORTED_HEAD_SIZES = [32, 64, 128, 256]
-
-
-def _layer_index(layer_name: str) -> int | None:
-    try:
-        return compat.extract_layer_index(layer_name)
-    except Exception:  # a name without a layer number: never dense by index
-        return None
 
 
 class HipAttentionBackend(AttentionBackend):
@@ -198,7 +192,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._init_reorder_batch_threshold(1)
 
     def _is_dense_layer(self, name: str) -> bool:
-        return _layer_index(name) in self.cfg.dense_layers
+        return is_dense_layer(self.cfg, name)
 
     def _h2d(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> int32 on the device, without blocking the host on CUDA."""
@@ -255,8 +249,6 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
 
     def _offload_tables(self, cm, seq_lens, block_table, decode) -> dict:
         """KV offload, once per step: mark the pages this step uses, move hot ones to the GPU, translate tables."""
-        from vllm_hip.kv_offload import HostTiers
-
         cfg, page = self.cfg, self.page_size
         if self._offload is None:
             hip_layers = list(self._mask_caches)
@@ -299,11 +291,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._phys_slots[T:].fill_(-1)  # padded tokens of a captured batch write nothing
         self._offload_step += 1
         if self._offload_step % 64 == 0:  # counters copied without a sync; values of the previous copy
-            from vllm_hip import kv_offload
-
-            kv_offload.LAST_STATS.update(self._offload.stats())
+            LAST_STATS.update(self._offload.stats())
             if self._offload_step % 1024 == 0:
-                logger.info("HiP KV offload: %s", kv_offload.LAST_STATS)
+                logger.info("HiP KV offload: %s", LAST_STATS)
         return dict(kv_block_table=self._phys_bt[:R, :W], kv_slot_mapping=self._phys_slots,
                     host_kv=self._offload.host_kv)
 
@@ -410,8 +400,8 @@ class HipAttentionImpl(AttentionImpl):
         self.dense: bool | None = None  # decided at the first forward, once the layer name is known
 
     def _resolve_layer(self, layer) -> None:
-        self.layer_index = _layer_index(getattr(layer, "layer_name", ""))
-        self.dense = self.layer_index in self.cfg.dense_layers
+        self.layer_index = layer_index(getattr(layer, "layer_name", ""))
+        self.dense = is_dense_layer(self.cfg, getattr(layer, "layer_name", ""))
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         k_cache, v_cache = compat.split_kv_cache(kv_cache, self.head_size)

@@ -24,7 +24,6 @@ import torch
 
 from vllm_hip import compat
 from vllm_hip.config import HipConfig, HipConfigError
-from vllm_hip.kernels.page_swap import PageSwapper
 from vllm_hip.kv_residency import KVResidency
 
 LAST_STATS: dict = {}  # the latest offload statistics of this process (hit rate, bytes moved), for benchmarks
@@ -56,11 +55,16 @@ def host_pages_for(cfg: HipConfig, page_bytes: int, num_hip_layers: int) -> int:
     return int(cfg.offload.host_gib * 2**30) // (page_bytes * max(1, num_hip_layers))
 
 
-def is_dense_layer(cfg: HipConfig, layer_name: str) -> bool:
+def layer_index(layer_name: str) -> int | None:
     try:
-        return compat.extract_layer_index(layer_name) in cfg.dense_layers
-    except Exception:
-        return False
+        return compat.extract_layer_index(layer_name)
+    except Exception:  # a name without a layer number: never dense by index
+        return None
+
+
+def is_dense_layer(cfg: HipConfig, layer_name: str) -> bool:
+    """Whether ``layer_name`` is one of ``hip.dense_layers`` (the backend and the offload plan ask the same)."""
+    return layer_index(layer_name) in cfg.dense_layers
 
 
 def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int) -> OffloadPlan:
@@ -161,7 +165,12 @@ class HostTiers:
             self.pairs.append((storage.view(G, -1), host.view(H, -1)))
         self.residency = KVResidency(G + H, G, device, cfg.offload.max_moves)
         # One launch for all layers, moving only the pages that change tier (CUDA); the torch loop on CPU.
-        self.swap = PageSwapper(self.pairs, device) if pin else self.pairs
+        if pin:
+            from vllm_hip.kernels.page_swap import PageSwapper  # triton: only where a GPU tier exists
+
+            self.swap = PageSwapper(self.pairs, device)
+        else:
+            self.swap = self.pairs
         logger.info("HiP KV offload: %d layers x %d host pages (%.1f GiB pinned), %d GPU pages, %d moves/step",
                     len(layer_kv), H, H * page_bytes * len(layer_kv) / 2**30, G, cfg.offload.max_moves)
 

@@ -15,11 +15,13 @@ device tensor arithmetic with static shapes (no host sync, no data-dependent sha
 step and inside CUDA graphs. ``rebalance`` moves pages, so physical tables translated before it are stale:
 call it between forward steps, and translate afterwards.
 
-This module imports only torch, so it is testable without vLLM and without a GPU.
+This module imports only torch (and the torch reference kernels), so it is testable without vLLM or a GPU.
 """
 from __future__ import annotations
 
 import torch
+
+from vllm_hip.kernels.reference import swap_pages_reference
 
 
 class KVResidency:
@@ -116,14 +118,7 @@ class KVResidency:
         if callable(tiers):  # a batched swapper (kernels/page_swap.py) over fixed tiers
             tiers(d_idx, h_idx, do)
         else:
-            for dev_t, host_t in tiers:
-                hi = h_idx.to(host_t.device)
-                di = d_idx.to(dev_t.device)
-                a = dev_t.index_select(0, di)
-                b = host_t.index_select(0, hi).to(a.dtype)
-                m = do.to(a.device).view((k,) + (1,) * (a.dim() - 1))
-                dev_t.index_copy_(0, di, torch.where(m, b, a))
-                host_t.index_copy_(0, hi, torch.where(m, a, b).to(host_t.dtype))
+            swap_pages_reference(tiers, d_idx, h_idx, do)
         ld = self.owner[d_idx]  # logical pages on the victim device pages
         lh = self.owner[h_phys]  # logical pages on the promoted host pages
         d32, h32 = d_idx.to(torch.int32), h_phys.to(torch.int32)
