@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -187,16 +188,26 @@ def main() -> None:
     if a.model_only:
         return
     rows = []
+    log = open(a.log, "w") if a.log else None
     for backend in a.backends.split(","):
+        # Rows are echoed and logged as they come, so a run cut short (a device time limit) keeps what it measured.
         cmd = [sys.executable, __file__, "--worker", backend] + [x for x in sys.argv[1:]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        for line in proc.stdout.splitlines():
-            if line.startswith("{"):
-                rows.append(json.loads(line))
+        with tempfile.TemporaryFile("w+") as errf, subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=dict(os.environ)) as proc:
+            for line in proc.stdout:
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+                    print(line, end="", flush=True)
+                    if log:
+                        log.write(line)
+                        log.flush()
+            proc.wait()
+            errf.seek(0)
+            err = errf.read()
         if proc.returncode:
-            print(f"[{backend}] exit {proc.returncode}:\n{proc.stderr[-4000:]}", file=sys.stderr)
-    if a.log:
-        Path(a.log).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+            print(f"[{backend}] exit {proc.returncode}:\n{err[-4000:]}", file=sys.stderr)
+    if log:
+        log.close()
     gpu = next((r["gpu"] for r in rows if r.get("event") == "startup"), "?")
     shapes = "a tiny Llama (--smoke)" if a.smoke else "Llama-3.1-8B shapes"
     print(f"\nvLLM offline throughput, {shapes} (dummy weights), device: {gpu}")

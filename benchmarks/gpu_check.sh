@@ -15,7 +15,8 @@
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 #
 # On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
-# after 30 s idle): `install kernels vllm` (~6 min with SmolLM2), `throughput` (~8 min), `offload` (~8 min),
+# after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
+# wait`: the kernel tests are small, the 15 engine jobs of tests/test_gpu_vllm.py run 6 at a time; ~5 min), `throughput` (~8 min), `offload` (~8 min),
 # `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
 # two commands); set SMOLLM2_GGUF to the joined file for `install`.
 set -uo pipefail
