@@ -111,6 +111,14 @@ def worker(a) -> None:
     eng = llm.llm_engine
     ids = iter(range(1 << 30))
 
+    def write_profile(prof, ps, steps):
+        name = f"{a.backend}_{len(ps[0]['prompt_token_ids'])}x{len(ps)}"
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        Path(a.profile, f"profile_{name}.txt").write_text(f"{steps} decode steps\n{table}\n\n{cpu}\n")
+
+    profile_this = False
+
     def run(ps, max_tokens):
         """All of ``ps`` at once through the engine, step by step: per-request time to first token, and the
         decode rate once every request has its first token (tokens after that moment / time after it)."""
@@ -119,26 +127,48 @@ def worker(a) -> None:
         for p in ps:
             eng.add_request(f"b{next(ids)}", p, sp)
         first, ntok, t_all, tok_all = {}, {}, None, 0
+        prof, prof_steps, prof_s, prof_tok = None, 0, 0.0, 0  # profiled steps are left out of the rate
         while eng.has_unfinished_requests():
+            if profile_this and t_all is not None and prof is None and prof_steps == 0:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+                p0, ptok0 = time.perf_counter(), sum(ntok.values())
             outs = eng.step()
             now = time.perf_counter()
             for o in outs:
                 ntok[o.request_id] = len(o.outputs[0].token_ids)
                 if ntok[o.request_id] and o.request_id not in first:
                     first[o.request_id] = now - t0
+            if prof is not None:
+                prof_steps += 1
+                if prof_steps == 16:  # 16 decode steps once every request decodes
+                    prof.__exit__(None, None, None)
+                    done_prof, prof = prof, None
+                    prof_s, prof_tok = now - p0, sum(ntok.values()) - ptok0
             if t_all is None and len(first) == len(ps):
                 t_all, tok_all = now, sum(ntok.values())
         t_end = time.perf_counter()
+        if prof_steps >= 16:
+            write_profile(done_prof, ps, prof_steps)
         assert len(ntok) == len(ps) and all(v == max_tokens for v in ntok.values()), ntok
         ttft = sorted(first.values())
         return {"ttft_s": round(ttft[0], 3), "ttft_mean_s": round(sum(ttft) / len(ttft), 3),
                 "ttft_last_s": round(ttft[-1], 3), "total_s": round(t_end - t0, 3),
-                "decode_tok_s": round((sum(ntok.values()) - tok_all) / max(t_end - t_all, 1e-9), 1)}
+                "decode_tok_s": round((sum(ntok.values()) - tok_all - prof_tok) / max(t_end - t_all - prof_s, 1e-9), 1)}
 
-    run(prompts(1, min(1024, max_len - 24)), 8)  # warm-up (Triton compilation, graph capture leftovers)
+    # Warm-up: short prompts (dense prefill, decode graphs) and, for HiP, prompts past dense_below_seq_len, so
+    # the HiP prefill kernels and mixed prefill+decode steps compile here and not inside a timed point.
+    run(prompts(1, min(1024, max_len - 24)), 8)
+    dense_below = json.loads(a.hip).get("dense_below_seq_len", 0) if a.backend.startswith("HIP") else 0
+    if 0 < dense_below + 2048 <= max(a.lengths):
+        run(prompts(3, dense_below + 2048), 8)
+    if a.profile:
+        os.makedirs(a.profile, exist_ok=True)
     for length in a.lengths:
         fits = max(1, min(a.max_seqs, pool_tokens // (length + a.output_len)))
         for n in sorted({1, fits}):
+            profile_this = bool(a.profile) and length == max(a.lengths) and n == fits
             try:
                 r = run(prompts(n, length), a.output_len)
             except Exception as e:  # report, keep measuring the other points
@@ -169,6 +199,7 @@ def main() -> None:
                     help="HIP_OFFLOAD: GPU pages = this share of what --offload-reqs longest prompts need")
     ap.add_argument("--offload-reqs", type=int, default=1)
     ap.add_argument("--log", default=None)
+    ap.add_argument("--profile", default=None, help="dir: torch profiler tables of 16 decode steps at the last point")
     ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")
     ap.add_argument("--smoke", action="store_true", help="a tiny Llama instead of 8B shapes (checks the script on CPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -194,6 +225,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", backend] + [x for x in sys.argv[1:]]
         with tempfile.TemporaryFile("w+") as errf, subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=dict(os.environ)) as proc:
+            engine_log = open(f"{a.log}.{backend}.engine.txt", "w") if a.log else None
             for line in proc.stdout:
                 if line.startswith("{"):
                     rows.append(json.loads(line))
@@ -201,9 +233,15 @@ def main() -> None:
                     if log:
                         log.write(line)
                         log.flush()
+                elif engine_log:  # vLLM's own log (start-up, jit_monitor warnings, HIP's notices)
+                    engine_log.write(line)
+                    engine_log.flush()
             proc.wait()
             errf.seek(0)
             err = errf.read()
+            if engine_log:
+                engine_log.write(err)
+                engine_log.close()
         if proc.returncode:
             print(f"[{backend}] exit {proc.returncode}:\n{err[-4000:]}", file=sys.stderr)
     if log:

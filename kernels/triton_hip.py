@@ -33,6 +33,11 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Launch values that change with the batch (request count, query blocks, refinement round, split count) are
+# runtime arguments that Triton does not specialize on (``do_not_specialize``), never constexprs: one compiled
+# kernel serves every batch, so a batch of a new size never stalls a serving step on a JIT compile (vLLM's
+# jit_monitor flagged exactly that on the H200: _hip_mask_kernel / _hip_attn_kernel compiled mid-run).
+MAX_SPLITS = 32  # split-K bound for decode; also the merge kernel's fixed tile
 
 
 def _p2(x: int) -> int:
@@ -385,11 +390,11 @@ def _hip_mask_round_body(
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size, rnd,
+    sink_tokens, page_size, rnd, cpp,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
-    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TIERED: tl.constexpr,
 ):
     qb = tl.program_id(0)
@@ -428,8 +433,8 @@ def _hip_mask_round_body(
                      mask=rvalid[:, None], other=0.0)
         CH: tl.constexpr = KROWS // BK
         kr = tl.arange(0, KROWS)
-        for cc0 in range(0, CPP):
-            c0 = (c * CPP + cc0) * CH
+        for cc0 in range(0, cpp):
+            c0 = (c * cpp + cc0) * CH
             ci = c0 + kr // BK
             cv = ci < 2 * N
             gi = ci // 2
@@ -491,46 +496,46 @@ def _hip_mask_round_body(
                 tl.store(hi_out + pid * N_PAD + slot, chi2, mask=sel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rnd", "cpp"])
 def _hip_mask_round_kernel(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size, rnd,
+    sink_tokens, page_size, rnd, cpp,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
-    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-        sink_tokens, page_size, rnd,
+        sink_tokens, page_size, rnd, cpp,
         0, 0, 0, 0, 0, 0,
-        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS, CPP=CPP,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rnd", "cpp"])
 def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size, rnd,
+    sink_tokens, page_size, rnd, cpp,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
-    KROWS: tl.constexpr, CPP: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-        sink_tokens, page_size, rnd,
+        sink_tokens, page_size, rnd, cpp,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
-        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS, CPP=CPP,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True)
 
 
@@ -622,9 +627,9 @@ def hip_mask(
             scratch_sc, lo[a], hi[a], lo[b], hi[b], cnt,
             q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
-            int(sink_tokens), k_cache.shape[1], r, *tier,
+            int(sink_tokens), k_cache.shape[1], r, cpp, *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
-            KROWS=krows, CPP=cpp, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
+            KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
             num_warps=4 if m_pad * krows <= 64 * 64 else 8,
         )
     return out
@@ -731,7 +736,7 @@ def _hip_attn_body(
                      o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["QB", "T"])
 def _hip_attn_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -750,7 +755,7 @@ def _hip_attn_kernel(
         UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["QB", "T"])
 def _hip_attn_kernel_tiered(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -770,9 +775,9 @@ def _hip_attn_kernel_tiered(
         UPCAST=UPCAST, TIERED=True)
 
 
-@triton.jit
-def _merge_kernel(po_ptr, plse_ptr, o_ptr, qb_start_ptr, qb_len_ptr, T, Hq, so0, so1, so2,
-                  S: tl.constexpr, S_PAD: tl.constexpr, DV: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "S"])
+def _merge_kernel(po_ptr, plse_ptr, o_ptr, qb_start_ptr, qb_len_ptr, T, Hq, so0, so1, so2, S,
+                  S_PAD: tl.constexpr, DV: tl.constexpr):
     # One program per (query block, q head, row of the block): only rows this launch computed are merged,
     # so a launch never touches output rows of other query blocks (e.g. prefill rows of a mixed batch).
     qb = tl.program_id(0)
@@ -834,7 +839,7 @@ def hip_attention(
         base = QB * Hkv
         target = 4 * _num_sms(dev)
         # measured on H200, 128K/1M decode batch 1 (8 programs): S=4/8/16/32/64 -> 35/22/16/14/16 us
-        num_splits = 1 if base >= target // 2 else min(32, triton.cdiv(target, base))
+        num_splits = 1 if base >= target // 2 else min(MAX_SPLITS, triton.cdiv(target, base))
     S = int(num_splits)
     ieee = q.dtype == torch.float32
     if S > 1:
@@ -857,7 +862,7 @@ def hip_attention(
     )
     if S > 1:
         _merge_kernel[(QB, Hq, max_len)](po, plse, out, qb_start, qb_len, T, Hq, out.stride(0), out.stride(1), out.stride(2),
-                               S=S, S_PAD=_p2(S), DV=DV, num_warps=2)
+                                         S, S_PAD=max(MAX_SPLITS, _p2(S)), DV=DV, num_warps=2)
     return out
 
 

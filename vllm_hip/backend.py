@@ -460,7 +460,7 @@ class HipAttentionImpl(AttentionImpl):
                 ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
                 ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
-                selected = cache[qb.mask_row.long()]
+                selected = cache[qb.mask_row.long()] if cfg.record_stats else None  # a gather per layer: only for stats
             if cfg.record_stats:
                 stats.record(self.layer_index or 0, phase, qb.length, qb.pos0,
                              qb.dense_window_start if selected is None else qb.window_start,

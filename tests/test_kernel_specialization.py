@@ -1,0 +1,79 @@
+"""One compiled kernel per configuration, whatever the batch: launch values that change from step to step
+(request count, query blocks, refinement round, split count, token count) must reach the Triton kernels as
+runtime arguments that Triton does not specialize on, never as constexprs or launch options.
+
+Otherwise every new batch size compiles a new kernel in the middle of serving; on the H200 vLLM's jit_monitor
+caught _hip_mask_kernel / _hip_attn_kernel compiling during timed steps (seconds each). The kernels are replaced
+by recorders here, so nothing runs: the test checks what the launch wrappers pass, on CPU.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import kernels.triton_hip as th  # noqa: E402
+
+KERNELS = ["_hip_mask_init_kernel", "_hip_mask_round_kernel", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel",
+           "_hip_attn_kernel_tiered", "_merge_kernel"]
+SPLIT_KEYS = {"SPLIT", "num_stages"}
+
+
+class Recorder:
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((args, kw))
+
+
+def _not_specialized(kernel) -> set:
+    if hasattr(kernel, "params"):  # JITFunction
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    return set(kernel.kwargs.get("do_not_specialize") or [])  # the interpreter's stand-in
+
+
+def _launch_all(QB: int, ctx: int, tiered: bool):
+    """One decode step of QB requests (one query row each) at context ``ctx``: mask refresh + attention."""
+    g = torch.Generator().manual_seed(QB)
+    Hkv, G, D, page, pages, width = 2, 4, 32, 16, 512, 256  # the cache and block table are fixed, as in vLLM
+    q = torch.randn(QB, Hkv * G, D, generator=g)
+    kc, vc = torch.randn(pages, page, Hkv, D, generator=g), torch.randn(pages, page, Hkv, D, generator=g)
+    bt = torch.randint(0, pages, (QB, width), dtype=torch.int32, generator=g)
+    i32 = lambda x: torch.as_tensor(x, dtype=torch.int32)  # noqa: E731
+    req, start, ln = i32(range(QB)), i32(range(QB)), i32([1] * QB)
+    seq = i32([ctx - r for r in range(QB)])
+    ws = seq - 64
+    tier = {}
+    if tiered:
+        tier = dict(host_k_cache=torch.randn(8, page, Hkv, D), host_v_cache=torch.randn(8, page, Hkv, D))
+    idx = th.hip_mask(q, kc, bt, req, start, ln, ws, n_select=8, block_size_q=1, block_size_k=4, sink_tokens=8,
+                      single_launch=False, host_k_cache=tier.get("host_k_cache"))
+    th.hip_attention(q, kc, vc, bt, seq, req, start, ln, seq - 1, ws, idx, sink_tokens=8, block_size_k=4,
+                     scale=0.1, **tier)
+
+
+@pytest.mark.parametrize("tiered", [False, True], ids=["one-tier", "two-tier"])
+def test_batch_dependent_values_are_unspecialized_runtime_args(monkeypatch, tiered):
+    rec = {name: Recorder(getattr(th, name)) for name in KERNELS}
+    for name, r in rec.items():
+        monkeypatch.setattr(th, name, r)
+    monkeypatch.setattr(th, "_is_tiered", lambda host: host is not None)
+    monkeypatch.setattr(th, "_tier_args", lambda cache, host: (0, *host.stride()))
+    for QB, ctx in [(1, 512), (2, 700), (3, 1024), (6, 1500), (16, 2048), (17, 4000)]:
+        _launch_all(QB, ctx, tiered)
+    launched = 0
+    for name, r in rec.items():
+        if not r.calls:
+            continue
+        launched += 1
+        # The one allowed split: split-K on or off (SPLIT and its pipeline depth), i.e. at most two kernels.
+        options = {repr(sorted((k, v) for k, v in kw.items() if k not in SPLIT_KEYS)) for _, kw in r.calls}
+        assert len(options) == 1, f"{name}: constexprs / launch options change with the batch: {options}"
+        assert len({repr(sorted((k, v) for k, v in kw.items() if k in SPLIT_KEYS)) for _, kw in r.calls}) <= 2
+        names = r.kernel.arg_names
+        free = _not_specialized(r.kernel)
+        for i in range(len(r.calls[0][0])):
+            values = {args[i] for args, _ in r.calls if isinstance(args[i], int)}
+            if len(values) > 1:
+                assert names[i] in free, f"{name}: int argument {names[i]} takes {sorted(values)} across " \
+                                         f"batches but is specialized (add it to do_not_specialize)"
+    assert launched >= 4  # init, round, attention, merge
