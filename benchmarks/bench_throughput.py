@@ -78,6 +78,11 @@ def worker(a) -> None:
     kw = dict(model=a.model_dir, load_format="dummy", max_model_len=max_len, enable_prefix_caching=False,
               gpu_memory_utilization=a.gpu_mem, max_num_seqs=a.max_seqs, seed=0,
               max_num_batched_tokens=a.batched_tokens, enforce_eager=a.eager)
+    if not a.eager:
+        # vLLM's default sizes [1, 2, 4, 8, 16, ...] give full decode graphs only up to max_num_seqs, so with
+        # --max-seqs 6 a batch of 5-6 ran PIECEWISE (attention eager). Both backends get max_seqs captured.
+        sizes = sorted({1, 2, 4, *range(8, 2 * a.max_seqs + 1, 8), a.max_seqs})
+        kw["compilation_config"] = {"cudagraph_capture_sizes": sizes}
     if a.backend != "default":
         kw["attention_backend"] = "HIP" if a.backend == "HIP_OFFLOAD" else a.backend
     if a.backend.startswith("HIP"):
@@ -167,7 +172,7 @@ def worker(a) -> None:
         os.makedirs(a.profile, exist_ok=True)
     for length in a.lengths:
         fits = max(1, min(a.max_seqs, pool_tokens // (length + a.output_len)))
-        for n in sorted({1, fits}):
+        for n in sorted({fits} if a.only_full else {1, fits}):
             profile_this = bool(a.profile) and length == max(a.lengths) and n == fits
             try:
                 r = run(prompts(n, length), a.output_len)
@@ -198,6 +203,7 @@ def main() -> None:
     ap.add_argument("--offload-cap", type=float, default=0.0,
                     help="HIP_OFFLOAD: GPU pages = this share of what --offload-reqs longest prompts need")
     ap.add_argument("--offload-reqs", type=int, default=1)
+    ap.add_argument("--only-full", action="store_true", help="measure only the most concurrent requests that fit")
     ap.add_argument("--log", default=None)
     ap.add_argument("--profile", default=None, help="dir: torch profiler tables of 16 decode steps at the last point")
     ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")

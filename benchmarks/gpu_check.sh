@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: every GPU test and benchmark of vllm-hip, on a CUDA machine; logs under $OUT.
 #
-#   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [throughput]   (default: all)
+#   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [throughput] [offload] [longest] [serve]   (default: all)
 #
 # install     installs this checkout into $SITE (default /tmp/site) with its entry point, so vLLM's
 #             engine processes load the plugin; converts SmolLM2 from $SMOLLM2_GGUF if given.
@@ -10,21 +10,22 @@
 #             SmolLM2 passkey.
 # bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
-# offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests,
-#             then the longest single request HIP_OFFLOAD serves (LONGEST, default 1M tokens).
+# offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
+# longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1M tokens; LONGEST_HOST_GIB).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 #
 # On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
 # after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
-# wait`: the kernel tests are small, the 15 engine jobs of tests/test_gpu_vllm.py run 6 at a time; ~5 min), `throughput` (~8 min), `offload` (~8 min),
-# `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
+# wait`: 171 s and 192 s side by side on the H200, the 15 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
+# `throughput` (454 s), `offload` (HIP vs HIP_OFFLOAD only: ~7 min; then LONGEST in its own command with
+# `gpu_check.sh longest`), `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
 # two commands); set SMOLLM2_GGUF to the joined file for `install`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hip-gpu-out}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
-steps=${*:-install kernels vllm bench throughput offload serve}
+steps=${*:-install kernels vllm bench throughput offload longest serve}
 # The checkout first (its vllm_hip wins), $SITE for vLLM and the plugin's entry point (dist-info).
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
@@ -49,8 +50,9 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;
     offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
-               --offload-reqs 6 --max-seqs 6 --log "$OUT/offload.jsonl" 2>&1 | tee "$OUT/bench_offload.log" | tail -12
-             python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1048576} --output-len 64 \
+               --offload-reqs 6 --max-seqs 6 --only-full --log "$OUT/offload.jsonl" 2>&1 | tee "$OUT/bench_offload.log" | tail -12
+             ;;
+    longest) python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1048576} --output-len 64 \
                --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-58}}" \
                --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
     serve) [ -d /tmp/llama8b-dummy ] || python3 benchmarks/bench_throughput.py --model-only

@@ -115,3 +115,31 @@ def test_offload_where_unsupported_fails_at_startup_with_reason(tiny_model):
     refuses at start-up, naming the reason and the fix, instead of running without offload."""
     with pytest.raises(AssertionError, match=r"per-layer KV tensors.*Remove hip.offload"):
         run_vllm(_spec(tiny_model, "HIP", {"offload": {"host_gib": 0.01}}, ["hello"]))
+
+
+def test_decode_batches_without_full_cuda_graph_are_named():
+    """vLLM captures full decode graphs only for capture sizes <= max_num_seqs: with max_num_seqs=6 and the
+    default sizes [1, 2, 4, 8, ...], batches of 5-6 ran HiP attention eagerly on the H200 (0.58x FLASH_ATTN at
+    128K). The builder warns with the fix; this checks the sizes it names."""
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_hip import compat
+    from vllm_hip.backend import eager_decode_batches
+
+    def cfg(mode, sizes, max_seqs, eager=False):
+        return SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=mode, cudagraph_capture_sizes=sizes),
+                               scheduler_config=SimpleNamespace(max_num_seqs=max_seqs),
+                               model_config=SimpleNamespace(enforce_eager=eager))
+
+    default = [1, 2, 4, 8, 16, 24, 32]
+    full = compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 6))
+    assert full == [1, 2, 4]
+    assert eager_decode_batches(full, 6) == (5, 6)
+    assert eager_decode_batches(compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 16)),
+                                16) is None
+    assert eager_decode_batches(compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_DECODE_ONLY, [1, 2, 4, 6], 6)),
+                                6) is None
+    assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.PIECEWISE, default, 6)) is None
+    assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 6, eager=True)) is None

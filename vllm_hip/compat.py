@@ -198,3 +198,18 @@ def kv_tensors_per_layer() -> bool:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
     return not hasattr(KVCacheConfig, "num_blocks_of")
+
+
+def full_decode_graph_sizes(vllm_config) -> list[int] | None:
+    """Decode batch sizes that get a FULL CUDA graph (vLLM captures them only up to max_num_seqs), or None where
+    decode runs no full graphs (eager, PIECEWISE only, or a vLLM without these fields)."""
+    cc = vllm_config.compilation_config
+    mode = getattr(cc, "cudagraph_mode", None)
+    try:
+        full = mode is not None and mode.decode_mode().name == "FULL"
+    except AttributeError:
+        return None
+    if not full or vllm_config.model_config.enforce_eager:
+        return None
+    max_seqs = vllm_config.scheduler_config.max_num_seqs
+    return sorted(x for x in (cc.cudagraph_capture_sizes or []) if x <= max_seqs)
