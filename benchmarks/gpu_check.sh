@@ -16,7 +16,7 @@
 #
 # On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
 # after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
-# wait`: 171 s and 192 s side by side on the H200, the 15 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
+# wait`: 171 s and 192 s side by side on the H200, the 16 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
 # `throughput` (454 s), `offload` (HIP vs HIP_OFFLOAD only: ~7 min; then LONGEST in its own command with
 # `gpu_check.sh longest`), `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
 # two commands); set SMOLLM2_GGUF to the joined file for `install`.
@@ -44,7 +44,7 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
       fi
       python3 -c "import vllm_hip.kernels.triton_hip" ;;
     kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py tests/test_kernels_tiered.py tests/test_page_swap.py \
-               tests/test_kv_residency.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
+               tests/test_kv_residency.py tests/test_decode_plan.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
     bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \

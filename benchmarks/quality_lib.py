@@ -208,8 +208,9 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64) -> dict:
     """Decode with mask reuse, simulated on captured Q/K/V (teacher forcing).
 
-    The last ``steps`` positions act as decode queries (one token each). A mask is estimated at every
-    ``cfg.mask_refresh_interval``-th step from that step's query alone and reused until the next refresh,
+    The last ``steps`` positions act as decode queries (one token each). A mask is estimated at the first step
+    and wherever the length reaches a multiple of ``cfg.mask_refresh_interval``, from that step's query alone,
+    and reused until the next refresh,
     with the window start frozen at the refresh (as ``vllm_hip.mask_state`` does). Returns ``rel_l2`` and
     ``mass`` of the decode outputs vs dense.
     """
@@ -221,7 +222,8 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64) -> dict:
     kc, vc, bt = k[None], v[None], torch.zeros(1, 1, dtype=torch.int32)
     R = cfg.mask_refresh_interval
     pos = torch.arange(T - steps, T)
-    ref_pos = T - steps + ((pos - (T - steps)) // R) * R  # position of the refresh each step reuses
+    # position of the refresh each step reuses: the first decode step, then every length multiple of R
+    ref_pos = torch.clamp((pos + 1) // R * R - 1, min=T - steps)
     ws = window_starts(ref_pos, cfg.sliding_window, bk)
     one = torch.ones_like(pos, dtype=torch.int32)
     zero = torch.zeros_like(one)
@@ -323,7 +325,8 @@ class HipSim:
             self.state[li] = None  # prefill invalidates the decode mask
         else:  # decode step
             st = self.state.get(li)
-            if st is None or not (0 < L - st[0] < cfg.mask_refresh_interval):
+            R = cfg.mask_refresh_interval
+            if st is None or not (L > st[0] and L // R == st[0] // R):  # as vllm_hip.mask_state
                 w = max(0, (L - 1 - cfg.sliding_window) // bk * bk)
                 one = torch.ones(1, dtype=torch.int32)
                 idx = self.mask_fn(q.float(), kc, bt, one * 0, one * 0, one, torch.tensor([w], dtype=torch.int32),

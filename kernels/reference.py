@@ -325,3 +325,66 @@ def swap_pages_reference(pairs, d_idx: torch.Tensor, h_idx: torch.Tensor, do: to
         dev_t.index_copy_(0, di, torch.where(m, b, a))
         host_t.index_copy_(0, hi, torch.where(m, a, b).to(host_t.dtype))
 
+
+
+def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, reqs,
+                          prompt_step=None, *, page_size: int, window: int, block_size_k: int, interval: int,
+                          dense_below: int):
+    """Decode mask plan of one step (``vllm_hip.mask_state`` explains the scheme): each decode request's
+    mask-cache row, whether it re-estimates its mask, and its window start. Updates the slot state in place.
+
+    State (int64, last entry of each = trash that absorbs unwanted writes): ``slot_key[slot]`` the block owning
+    a slot, ``refresh_len[slot]`` / ``window_start[slot]`` the length and window start at its last refresh,
+    ``slot_of_block[block % num_blocks]`` the slot last given to the request whose newest token was in ``block``.
+    ``reqs``: batch indices of the decode requests; ``prompt_step`` (bool per request) steps still in the prompt.
+    Returns ``(row int32, refresh bool, window_start int32)`` per request.
+    """
+    num_slots, num_blocks = slot_key.numel() - 1, slot_of_block.numel() - 1
+    trash_slot = num_slots
+    dev = slot_key.device
+    r = reqs.long()
+    L = seq_lens.long()[r]
+    live = L > 0  # padding rows of a fixed-size (CUDA graph) decode batch have no tokens
+
+    def block_at(pos):
+        page = torch.clamp(torch.div(pos, page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
+        return block_table[r, page].long()  # gather, then widen: never convert the whole table
+
+    key_now = block_at(L - 1)
+    new_page = (L - 1) % page_size == 0
+    key_prev = torch.where(new_page & (L > 1), block_at(L - 2), key_now)
+    s_prev = slot_of_block[key_prev % num_blocks]
+    own = (slot_key[s_prev] == key_prev) & live
+    if prompt_step is not None:
+        own &= ~prompt_step.bool()
+    # Reuse within one interval-aligned run of positions: a request refreshes when its length crosses a multiple
+    # of the interval, so requests of different lengths decoding in lockstep refresh at different steps and each
+    # request's schedule depends on its own length only.
+    last = refresh_len[s_prev]
+    same_run = torch.div(L, interval, rounding_mode="floor") == torch.div(last, interval, rounding_mode="floor")
+    dense = L <= dense_below
+    refresh = ~(own & (L > last) & same_run) & ~dense & live
+
+    # Slots kept this step: those of requests that own one. The others get free slots in batch order.
+    trash = torch.full_like(s_prev, trash_slot)
+    used = torch.zeros(num_slots + 1, dtype=torch.bool, device=dev)
+    used[torch.where(own, s_prev, trash)] = True
+    free_cum = torch.cumsum((~used[:num_slots]).to(torch.int64), 0)
+    need = ~own & live & ~dense
+    rank = torch.cumsum(need.to(torch.int64), 0)  # 1-based rank among requests needing a slot
+    new_slot = torch.clamp(torch.searchsorted(free_cum, rank), max=trash_slot)  # the rank-th free slot
+    slot = torch.where(own, s_prev, torch.where(need, new_slot, trash))
+
+    new_ws = torch.clamp(torch.div(L - 1 - window, block_size_k, rounding_mode="floor") * block_size_k, min=0)
+    ws = torch.where(refresh, new_ws, window_start[slot])
+    ws = torch.where(dense | ~live, torch.zeros_like(ws), ws)
+
+    # The slot follows the request to the block of its newest token.
+    kept = slot != trash_slot
+    w = torch.where(kept, slot, trash)
+    slot_key[w] = torch.where(kept, key_now, torch.full_like(key_now, -1))
+    slot_of_block[torch.where(kept, key_now % num_blocks, torch.full_like(key_now, num_blocks))] = w
+    wr = torch.where(refresh & kept, slot, trash)
+    refresh_len[wr] = L
+    window_start[wr] = new_ws
+    return slot.to(torch.int32), refresh & kept, ws.to(torch.int32)

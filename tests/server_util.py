@@ -206,6 +206,20 @@ class Server:
                 total += float(m.group(3))
         return total
 
+    def settled_counter(self, name: str, quiet: float = 2.0, timeout: float = 60.0) -> float:
+        """``counter(name)`` once it has stopped moving for ``quiet`` seconds: the engine reports token counts
+        to the metrics a little after a request finishes, so a read right after ``wait_idle`` can miss the end
+        of the previous request."""
+        deadline = time.time() + timeout
+        value = self.counter(name)
+        while time.time() < deadline:
+            time.sleep(quiet)
+            now = self.counter(name)
+            if now == value:
+                return now
+            value = now
+        raise TimeoutError(f"{name} still moving after {timeout} s")
+
     def load(self) -> dict[str, float]:
         """Running and waiting requests and the KV-cache usage fraction."""
         m = self.metrics()

@@ -3,7 +3,7 @@
 Exactness checks run in fp32 against vLLM's TRITON_ATTN (FLASH_ATTN has no fp32; in bf16 two correct kernels
 that sum in different orders flip greedy tokens of a random model after a few steps). Greedy decoding.
 
-Every engine job of this module (15 processes, ~1 min each, mostly start-up) runs on first use, PARALLEL_JOBS at
+Every engine job of this module (16 processes, ~1 min each, mostly start-up) runs on first use, PARALLEL_JOBS at
 a time on the one GPU: each job reserves its KV pool explicitly (``kv_cache_memory_bytes``), so no job's memory
 profile sees another's allocations. Tests then compare the results; a failed job fails the tests that use it.
 """
@@ -67,6 +67,9 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         eng = dict(max_model_len=8192, dtype="bfloat16", kv_cache_memory_bytes=2 << 30)
         jobs["smollm2_flash_attn"] = _spec(smollm2["model"], "FLASH_ATTN", None, smollm2["prompts"], 12, **eng)
         jobs["smollm2_hip"] = _spec(smollm2["model"], "HIP", {}, smollm2["prompts"], 12, **eng)
+        # vLLM's default CUDA graphs: decode of the dense layers through FlashAttention inside full graphs
+        jobs["smollm2_hip_graphs"] = _spec(smollm2["model"], "HIP", {}, smollm2["prompts"], 12, enforce_eager=False,
+                                           **eng)
     return {k: v if isinstance(v, tuple) else (v, None) for k, v in jobs.items()}
 
 
@@ -141,9 +144,11 @@ def test_smollm2_passkey_hip_answers_as_dense(results, smollm2):
     dec = smollm2["tok"].decode
     dense_ok = [assets.answer_ok(dec(t), k) for t, k in zip(_tokens(results, "smollm2_flash_attn"), smollm2["keys"])]
     hip_ok = [assets.answer_ok(dec(t), k) for t, k in zip(_tokens(results, "smollm2_hip"), smollm2["keys"])]
-    print("dense", dense_ok, "hip", hip_ok)
+    graphs_ok = [assets.answer_ok(dec(t), k) for t, k in zip(_tokens(results, "smollm2_hip_graphs"), smollm2["keys"])]
+    print("dense", dense_ok, "hip", hip_ok, "hip with cuda graphs", graphs_ok)
     assert sum(dense_ok) >= 3
     assert all(h for h, d in zip(hip_ok, dense_ok) if d), f"dense right {dense_ok}, HIP right {hip_ok}"
+    assert all(h for h, d in zip(graphs_ok, dense_ok) if d), f"dense right {dense_ok}, HIP (graphs) right {graphs_ok}"
 
 
 @pytest.mark.parametrize("mode", ["eager", "cuda-graphs"])

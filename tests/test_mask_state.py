@@ -31,17 +31,20 @@ def test_refresh_every_interval_steps_and_reuse_in_between():
 def test_slot_follows_the_request_across_pages():
     st = make(interval=8)
     bt = table([3, 9, 11, 12])
-    rows = [int(step(st, bt, [L]).row[0]) for L in range(30, 38)]  # crosses from page 1 to page 2 at L=33
+    rows = [int(step(st, bt, [L]).row[0]) for L in range(32, 40)]  # crosses from page 1 to page 2 at L=33
     assert len(set(rows)) == 1
-    assert [bool(step(st, bt, [L]).refresh[0]) for L in range(38, 40)] == [True, False]
+    assert [bool(step(st, bt, [L]).refresh[0]) for L in range(40, 42)] == [True, False]
 
 
 def test_window_start_is_fixed_at_refresh_and_kept_while_reusing():
     st = make(interval=4, window=32, bk=4)
     bt = table([3, 9, 11, 12, 13, 14])
-    ws = [int(step(st, bt, [L]).window_start[0]) for L in range(61, 66)]
-    # refresh at L=61: last position 60 -> (60-32)//4*4 = 28; reused for L=62..64; refresh at 65.
-    assert ws == [28, 28, 28, 28, 32]
+    ws = [int(step(st, bt, [L]).window_start[0]) for L in range(65, 70)]
+    # refresh at L=65: last position 64 -> (64-32)//4*4 = 32; reused for L=66, 67; refresh at 68 (a multiple
+    # of the interval): (67-32)//4*4 = 32; reused at 69.
+    assert ws == [32, 32, 32, 32, 32]
+    ws = [int(step(st, bt, [L]).window_start[0]) for L in range(70, 74)]
+    assert ws == [32, 32, 36, 36]  # 70, 71 reuse the mask of 68; refresh at 72: (71-32)//4*4 = 36
 
 
 def test_requests_sharing_a_prefix_keep_separate_slots_and_schedules():
@@ -67,7 +70,8 @@ def test_schedule_does_not_depend_on_other_requests():
         others = [20 + i, 25 + i] if i % 2 else [20 + i]
         bt = both if i % 2 else both[:2]
         mixed.append(bool(step(st, bt, [L] + others).refresh[0]))
-    assert mixed == alone == [True, False, False, False] * 2
+    # first decode step, then every length that is a multiple of 4 (36, 40)
+    assert mixed == alone == [True, False, False, True, False, False, False, True]
 
 
 def test_prefill_of_a_recycled_block_drops_the_old_mask():
@@ -101,3 +105,16 @@ def test_dense_below_threshold_skips_masks_and_padding_is_inert():
     p = step(st, table([3, 4, 5, 6, 7], [2, 9, 10, 11, 12], [0, 0, 0, 0, 0]), [64, 65, 0])
     assert p.refresh.tolist() == [False, True, False]
     assert int(p.window_start[0]) == 0 and int(p.window_start[2]) == 0
+
+
+def test_refreshes_of_requests_in_lockstep_are_staggered_by_their_lengths():
+    """Requests decoding together refresh at their own positions (every `interval` tokens from their first
+    decode step), so requests of different lengths spread their refreshes over the steps: after the first step
+    (every request's first mask) one step pays for about a quarter of them, not all."""
+    interval, R = 4, 8
+    st = make(interval=interval, slots=R, num_blocks=256)
+    bt = table(*[[10 * r + p for p in range(8)] for r in range(R)])
+    start = [40 + r for r in range(R)]  # prompt lengths 40..47
+    counts = [int(step(st, bt, [L + t for L in start]).refresh.sum()) for t in range(12)]
+    assert counts[0] == R
+    assert counts[1:] == [R // interval] * 11

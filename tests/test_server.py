@@ -429,7 +429,7 @@ def test_client_disconnect_mid_stream_frees_kv(stack):
     the hang-up (it never reaches its length limit), its KV blocks are freed, and the server serves on."""
     server = stack.server
     server.wait_idle(timeout=60)
-    generated = server.counter("vllm:generation_tokens_total")
+    generated = server.settled_counter("vllm:generation_tokens_total")
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
     stream = client.completions.create(model=SERVED_NAME, prompt=stack.prompts["short"], max_tokens=MAX_MODEL_LEN - 100,
                                        temperature=0.0, stream=True, extra_body={"ignore_eos": True})
@@ -441,7 +441,7 @@ def test_client_disconnect_mid_stream_frees_kv(stack):
     idle = server.wait_idle(timeout=60)
     assert idle["kv_usage"] == 0
     # Had the hang-up been missed, the request would have generated all its MAX_MODEL_LEN - 100 tokens.
-    delta = server.counter("vllm:generation_tokens_total") - generated
+    delta = server.settled_counter("vllm:generation_tokens_total") - generated
     print(f"tokens generated around the hang-up: {delta:.0f}")
     assert delta < (MAX_MODEL_LEN - 100) // 2, f"{delta} tokens generated after a hang-up at token 5"
     assert _tokens(stack.complete("short", max_tokens=8).choices[0]) == stack.ref["short"][:8]

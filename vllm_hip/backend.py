@@ -107,9 +107,10 @@ class QueryBlocks:
 
 @dataclass
 class DensePrefill:
-    """The prefill requests of a step as one FlashAttention varlen call: used by the dense layers, and by every
-    layer when all prefill requests are at most ``hip.dense_below_seq_len`` long. Prefill requests follow the
-    decode requests (the builder asks vLLM to reorder), so they are one contiguous run of rows and tokens."""
+    """The prefill (or decode) requests of a step as one FlashAttention varlen call: used by the dense layers,
+    and for prefill by every layer when all prefill requests are at most ``hip.dense_below_seq_len`` long.
+    Decode requests come first and prefill requests follow (the builder asks vLLM to reorder), so each kind is
+    one contiguous run of rows and tokens: ``token_start`` to ``token_end`` (None: to the end)."""
 
     token_start: int
     cu_seqlens_q: torch.Tensor
@@ -118,6 +119,7 @@ class DensePrefill:
     max_seqlen_q: int
     max_seqlen_k: int
     all_layers: bool
+    token_end: int | None = None
 
 
 @dataclass
@@ -132,6 +134,7 @@ class HipMetadata:
     no_indices: torch.Tensor  # [1, Hkv, 1] of -1: dense layers select nothing
     mask_caches: dict[str, torch.Tensor]  # layer name -> decode masks [rows, Hkv, n] (persistent)
     dense_prefill: DensePrefill | None = None  # set where vLLM's FlashAttention can serve dense prefill
+    dense_decode: DensePrefill | None = None  # the same for the dense layers' decode rows
     # KV offload (hip.offload): HiP layers address pages through these physical tables, two tiers each.
     kv_block_table: torch.Tensor | None = None
     kv_slot_mapping: torch.Tensor | None = None
@@ -165,6 +168,8 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._dec = {name: torch.zeros(max_seqs, **i32)
                      for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row")}
         self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
+        self._dec_cu = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)  # one query token per request
+        self._max_model_len = vllm_config.model_config.max_model_len
         # Decode masks of every layer of this group. Allocated at the first build, i.e. outside any CUDA-graph
         # capture (an allocation captured with its fill would reset the cache at every replay).
         self._mask_caches: dict[str, torch.Tensor] | None = None
@@ -234,6 +239,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             state.invalidate(block_table, seq_lens, self._h2d(pf_reqs))
             dense_prefill = self._dense_prefill(cm, qsl_cpu, q_lens, pf_reqs) if self._fa_ok else None
         decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
+        dense_decode = self._dense_decode(cm, dec_reqs) if decode is not None and self._fa_ok else None
         if self._mask_caches is None:
             hip_layers = [name for name in self.layer_names if not self._is_dense_layer(name)]
             # One tensor for all layers, so offload reads every layer's selection in one gather.
@@ -252,6 +258,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             no_indices=self.no_indices,
             mask_caches=self._mask_caches,
             dense_prefill=dense_prefill,
+            dense_decode=dense_decode,
             **(tiers or {}),
         )
 
@@ -323,27 +330,44 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             all_layers=bool(below) and int(seq_host.max()) <= below and not self.cfg.offload.enabled,
         )
 
+    def _dense_decode(self, cm, dec_reqs) -> DensePrefill | None:
+        """Decode rows of the dense layers as one FlashAttention call (one query token per request). Persistent
+        tensors and a static ``max_seqlen_k`` only, so a captured decode graph replays it with this step's values."""
+        n = dec_reqs.numel()
+        if int(dec_reqs[-1]) != n - 1:  # decode rows not first (no reorder): the Triton path serves them
+            return None
+        return DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1],
+                            seqused_k=cm.seq_lens[:n], block_table=cm.block_table_tensor[:n], max_seqlen_q=1,
+                            max_seqlen_k=self._max_model_len, all_layers=False)
+
     def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table) -> QueryBlocks:
         n = dec_reqs.numel()
         if n > self._dec["req"].shape[0]:
             raise RuntimeError(f"{n} decode requests exceed max_num_seqs={self._dec['req'].shape[0]}")
-        d = self._h2d(dec_reqs).long()
-        prompt_step = None
-        if getattr(cm, "is_prefilling", None) is not None:
-            prompt_step = cm.is_prefilling.to(d.device)[d].bool()
-        plan = self.decode_state.plan(block_table, seq_lens, d, prompt_step)
-        L = seq_lens[d]
+        pre = getattr(cm, "is_prefilling", None)
+        if pre is not None and pre.device.type == "cpu":  # one host->device copy for both (no blocking copy)
+            d32, prompt32 = self._h2d(torch.stack([dec_reqs, pre[dec_reqs].to(dec_reqs.dtype)])).unbind(0)
+        else:
+            d32 = self._h2d(dec_reqs)
+            prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
         b = self._dec
-        b["req"][:n].copy_(d)
-        b["start"][:n].copy_(cm.query_start_loc[d])
-        b["length"][:n].copy_(L > 0)
-        b["pos0"][:n].copy_(L - 1)
-        b["window_start"][:n].copy_(plan.window_start)
-        b["row"][:n].copy_(plan.row)
-        self._dec_refresh[:n].copy_(plan.refresh)
-        # Rows past n (padding of a captured batch) stay inert: no tokens, no refresh.
-        b["length"][n:].zero_()
-        self._dec_refresh[n:].zero_()
+        if ops.on_triton(seq_lens):  # plan and buffers in one launch instead of ~100 small ops
+            self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b,
+                                        self._dec_refresh)
+        else:
+            d = d32.long()
+            plan = self.decode_state.plan(block_table, seq_lens, d, None if prompt32 is None else prompt32.bool())
+            L = seq_lens[d]
+            b["req"][:n].copy_(d)
+            b["start"][:n].copy_(cm.query_start_loc[d])
+            b["length"][:n].copy_(L > 0)
+            b["pos0"][:n].copy_(L - 1)
+            b["window_start"][:n].copy_(plan.window_start)
+            b["row"][:n].copy_(plan.row)
+            self._dec_refresh[:n].copy_(plan.refresh)
+            # Rows past n (padding of a captured batch) stay inert: no tokens, no refresh.
+            b["length"][n:].zero_()
+            self._dec_refresh[n:].zero_()
         return QueryBlocks(
             req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
@@ -459,7 +483,7 @@ class HipAttentionImpl(AttentionImpl):
                 continue
             args = (q, k_cache, v_cache, block_table, md.seq_lens, qb.req, qb.start, qb.length, qb.pos0)
             common["max_qb_len"] = cfg.block_size_q if qb.mask_row is None else 1
-            dp = md.dense_prefill if phase == "prefill" else None
+            dp = md.dense_prefill if phase == "prefill" else md.dense_decode
             if dp is not None and (self.dense or dp.all_layers):
                 ops.flash_prefill(q, k_cache, v_cache, dp, scale=self.scale, out=out)
                 selected = None

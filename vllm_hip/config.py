@@ -58,7 +58,9 @@ class HipConfig:
     dense_below_seq_len: int = 0
     """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes."""
     mask_refresh_interval: int = 8
-    """Decode steps a request reuses its mask before re-estimating it (1 = every step)."""
+    """A request re-estimates its decode mask at its first decode step and whenever its length reaches a
+    multiple of this (1 = every step): at most this many steps share one mask, and requests of different lengths
+    decoding together refresh at different steps."""
     mask_cache_slots: int = 0
     """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False

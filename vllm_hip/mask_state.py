@@ -13,8 +13,9 @@ found through its previous block (also private: it was the request's own last bl
 
 * ``slot_of_block[block]``: the slot last given to the request whose newest token was in ``block``;
 * ``slot_key[slot]``: the block that currently owns the slot (a lookup is valid only if it matches);
-* a request refreshes when it has no valid slot, or ``mask_refresh_interval`` tokens passed since its
-  last refresh; new slots are taken from the slots no request of this step keeps (a prefix-sum allocation).
+* a request refreshes when it has no valid slot, or its length reaches a multiple of ``mask_refresh_interval``
+  (so at most that many steps reuse one mask, and requests of different lengths decoding together refresh at
+  different steps); new slots are taken from the slots no request of this step keeps (a prefix-sum allocation).
 
 Refreshes therefore happen at positions that depend only on the request itself, never on which other
 requests share the batch. Prefill steps (and any step of a request still in its prompt) drop the slot of
@@ -26,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vllm_hip.kernels.reference import decode_plan_reference
 
 
 @dataclass
@@ -58,6 +61,7 @@ class DecodeMaskState:
         self.num_blocks = num_blocks
         self.slot_of_block = torch.full((num_blocks + 1,), self.trash, dtype=torch.int64, device=device)
         self.block_trash = num_blocks
+        self._scratch = None  # the Triton plan's slot bookkeeping (plan_into), allocated at its first use
 
     @property
     def cache_rows(self) -> int:
@@ -66,7 +70,7 @@ class DecodeMaskState:
 
     def _block_at(self, block_table, r, pos):
         page = torch.clamp(torch.div(pos, self.page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
-        return block_table.long()[r, page]
+        return block_table[r, page].long()  # gather, then widen: never convert the whole table
 
     def _entry(self, block):
         return block % self.num_blocks
@@ -88,43 +92,22 @@ class DecodeMaskState:
         ``prompt_step`` (bool per request of ``reqs``): one-token steps that are still in the prompt (e.g. the
         last prompt token after a full prefix-cache hit); they never reuse a mask.
         """
-        dev = self.slot_key.device
-        r = reqs.long()
-        L = seq_lens.long()[r]
-        live = L > 0  # padding rows of a fixed-size (CUDA graph) decode batch have no tokens
-        key_now = self._block_at(block_table, r, L - 1)
-        new_page = (L - 1) % self.page_size == 0
-        key_prev = torch.where(new_page & (L > 1), self._block_at(block_table, r, L - 2), key_now)
-        s_prev = self.slot_of_block[self._entry(key_prev)]
-        own = (self.slot_key[s_prev] == key_prev) & live
-        if prompt_step is not None:
-            own &= ~prompt_step
-        age = L - self.refresh_len[s_prev]
-        dense = L <= self.dense_below
-        refresh = ~(own & (age > 0) & (age < self.interval)) & ~dense & live
+        row, refresh, ws = decode_plan_reference(
+            self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, block_table, seq_lens, reqs,
+            prompt_step, page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
+            interval=self.interval, dense_below=self.dense_below)
+        return DecodeMaskPlan(row=row, refresh=refresh, window_start=ws)
 
-        # Slots kept this step: those of requests that own one. The others get free slots in batch order.
-        trash = torch.full_like(s_prev, self.trash)
-        used = torch.zeros(self.num_slots + 1, dtype=torch.bool, device=dev)
-        used[torch.where(own, s_prev, trash)] = True
-        free_cum = torch.cumsum((~used[: self.num_slots]).to(torch.int64), 0)
-        need = ~own & live & ~dense
-        rank = torch.cumsum(need.to(torch.int64), 0)  # 1-based rank among requests needing a slot
-        new_slot = torch.searchsorted(free_cum, rank)  # first slot where the free count reaches the rank
-        new_slot = torch.clamp(new_slot, max=self.trash)
-        slot = torch.where(own, s_prev, torch.where(need, new_slot, trash))
+    def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out) -> None:
+        """``plan`` plus the decode buffers of the step in one Triton launch (CUDA): ``out`` holds the int32
+        buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row`` (rows past the requests are
+        padding: length 0, no refresh), ``refresh_out`` the bool refresh flags. ``reqs`` and ``prompt_step``
+        int32 on the device. Same result as ``plan`` (tests/test_decode_plan.py)."""
+        from vllm_hip.kernels.decode_plan import decode_plan
 
-        bk = self.block_size_k
-        new_ws = torch.clamp(torch.div(L - 1 - self.window, bk, rounding_mode="floor") * bk, min=0)
-        ws = torch.where(refresh, new_ws, self.window_start[slot])
-        ws = torch.where(dense | ~live, torch.zeros_like(ws), ws)
-
-        # The slot follows the request to the block of its newest token.
-        kept = slot != self.trash
-        w = torch.where(kept, slot, trash)
-        self.slot_key[w] = torch.where(kept, key_now, torch.full_like(key_now, -1))
-        self.slot_of_block[torch.where(kept, self._entry(key_now), torch.full_like(key_now, self.block_trash))] = w
-        wr = torch.where(refresh & kept, slot, trash)
-        self.refresh_len[wr] = L
-        self.window_start[wr] = new_ws
-        return DecodeMaskPlan(row=slot.to(torch.int32), refresh=refresh & kept, window_start=ws.to(torch.int32))
+        if self._scratch is None:
+            self._scratch = torch.zeros(2, self.num_slots + 2, dtype=torch.int32, device=self.slot_key.device)
+        decode_plan(self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, self._scratch,
+                    block_table, seq_lens, reqs, prompt_step, query_start_loc, out, refresh_out,
+                    page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
+                    interval=self.interval, dense_below=self.dense_below)

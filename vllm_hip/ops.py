@@ -32,6 +32,12 @@ def _use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def on_triton(t: torch.Tensor) -> bool:
+    """Whether work on ``t``'s device runs the Triton kernels (CUDA; also forced on CPU by the engine test that
+    runs them under the interpreter)."""
+    return _use_triton(t)
+
+
 def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host_v_cache=None) -> None:
     """``host_*_cache``: the host tier of an offloaded layer (slots >= its device pages land there)."""
     tier = dict(host_k_cache=host_k_cache, host_v_cache=host_v_cache) if host_k_cache is not None else {}
@@ -81,17 +87,19 @@ def attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_l
 
 
 def flash_prefill(q, k_cache, v_cache, dp, *, scale, out) -> None:
-    """Dense causal prefill of the rows in ``dp`` (a ``backend.DensePrefill``) with vLLM's FlashAttention."""
+    """Dense causal attention of the rows in ``dp`` (a ``backend.DensePrefill``: prefill, or decode with one
+    query token per request) with vLLM's FlashAttention."""
     fa, version = compat.flash_attn_varlen()
-    t0, T = dp.token_start, out.shape[0]
+    t0, T = dp.token_start, out.shape[0] if dp.token_end is None else dp.token_end
     fa(q=q[t0:T], k=k_cache, v=v_cache, out=out[t0:T], cu_seqlens_q=dp.cu_seqlens_q, max_seqlen_q=dp.max_seqlen_q,
        seqused_k=dp.seqused_k, max_seqlen_k=dp.max_seqlen_k, softmax_scale=scale, causal=True,
        block_table=dp.block_table, fa_version=version)
 
 
 def flash_attn_check(device, dtype, head_size: int, num_kv_heads: int, page_size: int) -> str | None:
-    """Run vLLM's FlashAttention once on a small cache in our KV layout (K and V interleaved per token, read as
-    strided views) against our Triton dense kernel. None if they agree, else why FlashAttention cannot serve."""
+    """Run vLLM's FlashAttention on a small cache in our KV layout (K and V interleaved per token, read as
+    strided views) against our Triton dense kernel, once prefill-shaped and once decode-shaped. None if they
+    agree, else why FlashAttention cannot serve."""
     found = compat.flash_attn_varlen()
     if found is None:
         return "vLLM's FlashAttention is not available"
@@ -112,6 +120,20 @@ def flash_attn_check(device, dtype, head_size: int, num_kv_heads: int, page_size
            softmax_scale=head_size ** -0.5, causal=True, block_table=bt, fa_version=version)
     except Exception as e:  # layout or dtype FA rejects
         return f"FlashAttention {version} rejected the layout: {e!r}"[:300]
-    torch.cuda.synchronize(device)
-    err = (got.float() - want.float()).abs().max().item()
+    # Decode shape as the builder passes it: one query token per request, a static max_seqlen_k far above the
+    # contexts (what a captured graph replays), requests of different lengths.
+    lens = torch.tensor([ctx, 1, 2 * page_size + 5], dtype=torch.int32, device=device)
+    qd = torch.randn(3, hq, head_size, generator=g).to(device, dtype)
+    btd = torch.stack([torch.randperm(blocks, generator=g)[:5] for _ in range(3)]).to(device, torch.int32)
+    cu = torch.arange(4, dtype=torch.int32, device=device)
+    want_d = _triton().dense_attention(qd, k_cache, v_cache, btd, lens, cu, scale=head_size ** -0.5)
+    try:
+        got_d = torch.empty_like(qd)
+        fa(q=qd, k=k_cache, v=v_cache, out=got_d, cu_seqlens_q=cu, max_seqlen_q=1, seqused_k=lens,
+           max_seqlen_k=1 << 16, softmax_scale=head_size ** -0.5, causal=True, block_table=btd, fa_version=version)
+    except Exception as e:
+        return f"FlashAttention {version} rejected the decode call: {e!r}"[:300]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    err = max((got.float() - want.float()).abs().max().item(), (got_d.float() - want_d.float()).abs().max().item())
     return None if err < 2e-2 else f"FlashAttention {version} disagrees with the Triton kernel (max error {err:.3g})"

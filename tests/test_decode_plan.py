@@ -1,0 +1,107 @@
+"""The one-launch Triton decode plan (kernels/decode_plan.py) against its torch oracle, step after step.
+
+Random traffic over many steps: requests join, decode, leave and come back on recycled blocks, cross page
+boundaries, sit below the dense threshold, are still in their prompt, and padding rows (length 0) fill the
+captured batch. Both keep their own slot state; after every step the plan, the decode buffers and the state
+(outside the trash entries, whose contents are unspecified) must be identical. Under the Triton interpreter on
+CPU; on a GPU the compiled kernel.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from kernels.decode_plan import decode_plan  # noqa: E402
+from kernels.reference import decode_plan_reference  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+PAGE = 16
+
+
+def _state(slots, blocks):
+    return [torch.full((slots + 1,), -1, dtype=torch.int64, device=DEV),
+            torch.zeros(slots + 1, dtype=torch.int64, device=DEV),
+            torch.zeros(slots + 1, dtype=torch.int64, device=DEV),
+            torch.full((blocks + 1,), slots, dtype=torch.int64, device=DEV)]
+
+
+@pytest.mark.parametrize("seed,interval,dense_below,rows", [(0, 4, 0, 8), (1, 8, 40, 8), (2, 1, 0, 5), (3, 3, 70, 16)])
+def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows):
+    g = torch.Generator().manual_seed(seed)
+    slots, blocks, width = rows, 96, 12
+    ref, tri = _state(slots, blocks), _state(slots, blocks)
+    scratch = torch.zeros(2, slots + 2, dtype=torch.int32, device=DEV)
+    free_blocks = list(torch.randperm(blocks, generator=g).tolist())
+    live = {}  # request id -> [blocks, length]
+    next_id = 0
+    for step in range(60):
+        # leave / join (blocks recycled through the free list)
+        for rid in list(live):
+            if torch.rand(1, generator=g) < 0.06:
+                free_blocks += live.pop(rid)[0]
+        while len(live) < rows and torch.rand(1, generator=g) < 0.5 and len(free_blocks) >= width:
+            length = int(torch.randint(20, 150, (1,), generator=g))
+            live[next_id] = [[free_blocks.pop(0) for _ in range(width)], length]
+            next_id += 1
+        ids = list(live)
+        n_dec = len(ids)
+        n_pad = int(torch.randint(0, rows - n_dec + 1, (1,), generator=g)) if n_dec < rows else 0
+        # the batch: decode requests first, then padding rows (length 0, block table of zeros)
+        R = n_dec + n_pad
+        bt = torch.zeros(max(R, 1), width, dtype=torch.int32)
+        seq = torch.zeros(max(R, 1), dtype=torch.int32)
+        for i, rid in enumerate(ids):
+            bt[i] = torch.tensor(live[rid][0], dtype=torch.int32)
+            live[rid][1] += 1
+            seq[i] = live[rid][1]
+        qsl = torch.arange(max(R, 1) + 1, dtype=torch.int32)
+        reqs = torch.arange(R, dtype=torch.int32)
+        prompt = (torch.rand(R, generator=g) < 0.1).to(torch.int32)
+        bt, seq, qsl, reqs, prompt = (t.to(DEV) for t in (bt, seq, qsl, reqs, prompt))
+        kw = dict(page_size=PAGE, window=32, block_size_k=4, interval=interval, dense_below=dense_below)
+
+        want = decode_plan_reference(*ref, bt, seq, reqs.long(), prompt.bool(), **kw)
+        out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV)
+               for k in ("req", "start", "length", "pos0", "window_start", "row")}
+        refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
+        decode_plan(*tri, scratch, bt, seq, reqs, prompt, qsl, out, refresh, **kw)
+
+        got = (out["row"][:R], refresh[:R], out["window_start"][:R])
+        for w, x, name in zip(want, got, ("row", "refresh", "window_start")):
+            assert torch.equal(w.cpu(), x.cpu()), f"step {step}: {name} {w.tolist()} != {x.tolist()}"
+        L = seq[reqs.long()].long()
+        assert torch.equal(out["req"][:R].cpu(), reqs.cpu())
+        assert torch.equal(out["start"][:R].cpu(), qsl[reqs.long()].cpu())
+        assert torch.equal(out["length"][:R].cpu(), (L > 0).to(torch.int32).cpu())
+        assert torch.equal(out["pos0"][:R].cpu(), (L - 1).to(torch.int32).cpu())
+        assert (out["length"][R:] == 0).all() and not refresh[R:].any(), "padding rows must stay inert"
+        for a, b, name in zip(ref[:3], tri[:3], ("slot_key", "refresh_len", "window_start")):
+            assert torch.equal(a[:slots].cpu(), b[:slots].cpu()), f"step {step}: state {name} differs"
+        assert torch.equal(ref[3][:blocks].cpu(), tri[3][:blocks].cpu()), f"step {step}: slot_of_block differs"
+
+
+def test_without_prompt_flags_and_more_requests_than_free_slots():
+    """No prompt flags (V2 runner); slots run out: the surplus requests get the trash row and refresh."""
+    slots = 3
+    ref, tri = _state(slots, 64), _state(slots, 64)
+    scratch = torch.zeros(2, slots + 2, dtype=torch.int32, device=DEV)
+    bt = torch.arange(5 * 4, dtype=torch.int32, device=DEV).view(5, 4)
+    seq = torch.tensor([40, 41, 42, 43, 44], dtype=torch.int32, device=DEV)
+    reqs = torch.arange(5, dtype=torch.int32, device=DEV)
+    qsl = torch.arange(6, dtype=torch.int32, device=DEV)
+    kw = dict(page_size=PAGE, window=32, block_size_k=4, interval=4, dense_below=0)
+    want = decode_plan_reference(*ref, bt, seq, reqs.long(), None, **kw)
+    out = {k: torch.zeros(5, dtype=torch.int32, device=DEV) for k in ("req", "start", "length", "pos0",
+                                                                       "window_start", "row")}
+    refresh = torch.zeros(5, dtype=torch.bool, device=DEV)
+    decode_plan(*tri, scratch, bt, seq, reqs, None, qsl, out, refresh, **kw)
+    assert out["row"].tolist() == want[0].tolist() == [0, 1, 2, 3, 3]
+    assert refresh.tolist() == want[1].tolist() == [True, True, True, False, False]
