@@ -97,6 +97,7 @@ def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, blo
     rows = out["req"].shape[0]
     n = reqs.shape[0]
     assert n <= rows and scratch.shape[1] >= num_slots + 2
+    block_r = triton.next_power_of_2(max(rows, 2))
     _decode_plan_kernel[(1,)](
         block_table, block_table.stride(0), block_table.shape[1], seq_lens, reqs,
         prompt_step if prompt_step is not None else reqs, query_start_loc, n, rows,
@@ -104,6 +105,6 @@ def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, blo
         out["req"], out["start"], out["length"], out["pos0"], out["window_start"], out["row"],
         refresh_out.view(torch.int8),
         num_slots, num_blocks, page_size, window, block_size_k, interval, dense_below,
-        HAS_PROMPT=prompt_step is not None, BLOCK_R=triton.next_power_of_2(max(rows, 2)),
-        BLOCK_S=triton.next_power_of_2(num_slots + 2), num_warps=4,
+        HAS_PROMPT=prompt_step is not None, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(num_slots + 2),
+        num_warps=min(16, max(4, block_r // 64)),  # max_num_seqs can be 1024: spread the rows over more warps
     )

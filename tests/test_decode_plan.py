@@ -33,10 +33,11 @@ def _state(slots, blocks):
             torch.full((blocks + 1,), slots, dtype=torch.int64, device=DEV)]
 
 
-@pytest.mark.parametrize("seed,interval,dense_below,rows", [(0, 4, 0, 8), (1, 8, 40, 8), (2, 1, 0, 5), (3, 3, 70, 16)])
+@pytest.mark.parametrize("seed,interval,dense_below,rows",
+                         [(0, 4, 0, 8), (1, 8, 40, 8), (2, 1, 0, 5), (3, 3, 70, 16), (4, 8, 0, 300)])
 def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows):
     g = torch.Generator().manual_seed(seed)
-    slots, blocks, width = rows, 96, 12
+    slots, blocks, width = rows, max(96, 4 * rows), 12
     ref, tri = _state(slots, blocks), _state(slots, blocks)
     scratch = torch.zeros(2, slots + 2, dtype=torch.int32, device=DEV)
     free_blocks = list(torch.randperm(blocks, generator=g).tolist())
