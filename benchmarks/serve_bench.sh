@@ -22,7 +22,8 @@ for B in $BACKENDS; do
   pid=$!
   trap 'kill $pid 2>/dev/null || true' EXIT
   for _ in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+    python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/health', timeout=2)" \
+      2>/dev/null && break  # (no curl needed on the GPU machine)
     kill -0 $pid 2>/dev/null || { echo "server for $B exited; see $OUT/server_$B.log"; tail -20 "$OUT/server_$B.log"; exit 1; }
     sleep 1
   done
