@@ -40,6 +40,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_SPLITS = 32  # split-K bound for decode; also the merge kernel's fixed tile
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: slower to call from Python
+
+
 def _p2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -606,32 +610,29 @@ def hip_mask(
     while size > 1:
         size = (size + 1) // 2
         n_rounds += 1
-    lo = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev)
-    hi = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev)
+    lo = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev).unbind(0)
+    hi = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev).unbind(0)
     cnt = torch.empty((QB * Hkv,), dtype=torch.int32, device=dev)
+    out_strides = out.stride()
     _hip_mask_init_kernel[(QB, Hkv)](
-        qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt,
-        out.stride(0), out.stride(1), out.stride(2), int(sink_tokens),
+        qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt, *out_strides, int(sink_tokens),
         N=n, N_PAD=n_pad, BK=bk, HAS_ACTIVE=has_active, num_warps=1,
     )
     ch = krows // bk
-    total_chunks = triton.cdiv(2 * n, ch)
-    nch = max(1, min(total_chunks, triton.cdiv(16 * _num_sms(dev), QB * Hkv)))
-    cpp = triton.cdiv(total_chunks, nch)
-    nch = triton.cdiv(total_chunks, cpp)
+    total_chunks = _cdiv(2 * n, ch)
+    nch = max(1, min(total_chunks, _cdiv(16 * _num_sms(dev), QB * Hkv)))
+    cpp = _cdiv(total_chunks, nch)
+    nch = _cdiv(total_chunks, cpp)
+    # Arguments shared by every round, built once (this wrapper runs per layer per step in eager steps).
+    head = (q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, out, out_row, act, scratch_sc)
+    mid = (*q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens), k_cache.shape[1])
+    kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
+    meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
+                KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
+                num_warps=4 if m_pad * krows <= 64 * 64 else 8)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
-        (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)](
-            q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
-            out, out_row, act,
-            scratch_sc, lo[a], hi[a], lo[b], hi[b], cnt,
-            q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            int(sink_tokens), k_cache.shape[1], r, cpp, *tier,
-            G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
-            KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
-            num_warps=4 if m_pad * krows <= 64 * 64 else 8,
-        )
+        kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *mid, r, cpp, *tier, **meta)
     return out
 
 
@@ -839,7 +840,7 @@ def hip_attention(
         base = QB * Hkv
         target = 4 * _num_sms(dev)
         # measured on H200, 128K/1M decode batch 1 (8 programs): S=4/8/16/32/64 -> 35/22/16/14/16 us
-        num_splits = 1 if base >= target // 2 else min(MAX_SPLITS, triton.cdiv(target, base))
+        num_splits = 1 if base >= target // 2 else min(MAX_SPLITS, _cdiv(target, base))
     S = int(num_splits)
     ieee = q.dtype == torch.float32
     if S > 1:
