@@ -51,7 +51,8 @@ def _decode_plan_kernel(
     tl.debug_barrier()
     tl.store(used_ptr + tl.where(own, s_prev, num_slots), tl.full([BLOCK_R], 1, tl.int32), mask=rv)
     tl.debug_barrier()
-    free = (tl.load(used_ptr + s, mask=s < num_slots, other=1) == 0) & (s < num_slots)
+    # .cg: read what other threads of this program stored before the barrier from L2, never a stale L1 line
+    free = (tl.load(used_ptr + s, mask=s < num_slots, other=1, cache_modifier=".cg") == 0) & (s < num_slots)
     free_cum = tl.cumsum(free.to(tl.int32), 0)
     n_free = tl.sum(free.to(tl.int32), 0)
     tl.store(by_rank_ptr + free_cum, s, mask=free)
@@ -59,7 +60,7 @@ def _decode_plan_kernel(
     rank = tl.cumsum(need.to(tl.int32), 0)
     tl.debug_barrier()
     got = need & (rank <= n_free)
-    new_slot = tl.load(by_rank_ptr + rank, mask=got, other=0).to(tl.int64)
+    new_slot = tl.load(by_rank_ptr + rank, mask=got, other=0, cache_modifier=".cg").to(tl.int64)
     new_slot = tl.where(got, new_slot, num_slots)
     slot = tl.where(own, s_prev, tl.where(need, new_slot, num_slots))
 
