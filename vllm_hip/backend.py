@@ -6,6 +6,7 @@ per step (shared by all layers); the impl's ``forward`` launches mask estimation
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -189,6 +190,19 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             else:
                 logger.info("HIP: dense prefill (hip.dense_layers, requests below hip.dense_below_seq_len) runs on "
                             "vLLM's FlashAttention")
+        if device.type == "cuda":  # compile the HiP kernels now, not in the first long request's steps
+            t0 = time.perf_counter()
+            try:
+                width = -(-vllm_config.model_config.max_model_len // self.page_size)
+                heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+                ops.compile_kernels(device, dtype, num_heads=heads, num_kv_heads=self.num_kv_heads,
+                                    head_size=kv_cache_spec.head_size, page_size=self.page_size,
+                                    block_table_width=width, cfg=self.cfg)
+                for prompt in (True, False):
+                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt))
+                logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)
+            except Exception as e:  # only a warm-up: the kernels then compile at their first use
+                logger.warning("HIP: kernel warm-up failed (%r); kernels will compile at first use", e)
         # KV offload: host tiers and residency are built at the first step, once vLLM has bound the KV tensors.
         self._offload = None
         self._offload_step = 0
@@ -203,6 +217,13 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                     "max_num_seqs=%d: %s) and run HiP attention eagerly, ~0.7 ms of host time per layer on an "
                     "H200; add %d to compilation_config.cudagraph_capture_sizes to capture them",
                     gap[0], gap[1], max_seqs, compat.full_decode_graph_sizes(vllm_config), max_seqs)
+
+    def _plan_warmup_args(self, device, width: int, prompt: bool):
+        """A decode plan of no requests (only the padding rows are written): compiles the plan kernel."""
+        i32 = dict(dtype=torch.int32, device=device)
+        none = torch.zeros(0, **i32)
+        return (torch.zeros(1, width, **i32), torch.zeros(1, **i32), none, none if prompt else None,
+                torch.zeros(2, **i32), self._dec, self._dec_refresh)
 
     def _is_dense_layer(self, name: str) -> bool:
         return is_dense_layer(self.cfg, name)
