@@ -16,7 +16,7 @@
 #
 # On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
 # after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
-# wait`: 171 s and 192 s side by side on the H200, the 16 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
+# wait`: 171 s and 192 s side by side on the H200, the 18 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
 # `throughput` (454 s), `offload` (HIP vs HIP_OFFLOAD only: ~7 min; then LONGEST in its own command with
 # `gpu_check.sh longest`), `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
 # two commands); set SMOLLM2_GGUF to the joined file for `install`.

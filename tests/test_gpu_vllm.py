@@ -3,7 +3,7 @@
 Exactness checks run in fp32 against vLLM's TRITON_ATTN (FLASH_ATTN has no fp32; in bf16 two correct kernels
 that sum in different orders flip greedy tokens of a random model after a few steps). Greedy decoding.
 
-Every engine job of this module (16 processes, ~1 min each, mostly start-up) runs on first use, PARALLEL_JOBS at
+Every engine job of this module (18 processes, ~1 min each, mostly start-up) runs on first use, PARALLEL_JOBS at
 a time on the one GPU: each job reserves its KV pool explicitly (``kv_cache_memory_bytes``), so no job's memory
 profile sees another's allocations. Tests then compare the results; a failed job fails the tests that use it.
 """
@@ -63,6 +63,11 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         jobs[f"plain_{mode}"] = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, **eng)
         jobs[f"offload_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=OFFLOAD), prompts,
                                         max_tokens=40, **eng)
+    # No Triton compile inside a serving step (vLLM's jit_monitor in error mode): requests join while others
+    # decode, so prefill, decode and mixed batches of changing sizes all run; FLASH_ATTN is the control.
+    jit = dict(dtype="bfloat16", max_num_batched_tokens=256, jit_monitor_mode="error")
+    for name, backend, hip in (("jit_control", "FLASH_ATTN", None), ("jit_hip", "HIP", HIP_ACTIVE)):
+        jobs[name] = dict(_spec(tiny_model, backend, hip, prompts, **jit), mode="staggered", join_after=[0, 3, 7, 12])
     if smollm2:
         eng = dict(max_model_len=8192, dtype="bfloat16", kv_cache_memory_bytes=2 << 30)
         jobs["smollm2_flash_attn"] = _spec(smollm2["model"], "FLASH_ATTN", None, smollm2["prompts"], 12, **eng)
@@ -149,6 +154,14 @@ def test_smollm2_passkey_hip_answers_as_dense(results, smollm2):
     assert sum(dense_ok) >= 3
     assert all(h for h, d in zip(hip_ok, dense_ok) if d), f"dense right {dense_ok}, HIP right {hip_ok}"
     assert all(h for h, d in zip(graphs_ok, dense_ok) if d), f"dense right {dense_ok}, HIP (graphs) right {graphs_ok}"
+
+
+def test_no_kernel_compiles_during_serving(results):
+    """Every HiP kernel variant is compiled at start-up (ops.compile_kernels): with vLLM's jit_monitor in error
+    mode, any Triton compile after start-up fails the engine job. Skipped if the FLASH_ATTN control trips it."""
+    if isinstance(results["jit_control"], BaseException):
+        pytest.skip(f"vLLM's own kernels compile during serving here: {str(results['jit_control'])[-300:]}")
+    assert len(_tokens(results, "jit_hip")) == 4
 
 
 @pytest.mark.parametrize("mode", ["eager", "cuda-graphs"])
