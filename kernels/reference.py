@@ -326,6 +326,12 @@ def swap_pages_reference(pairs, d_idx: torch.Tensor, h_idx: torch.Tensor, do: to
         host_t.index_copy_(0, hi, torch.where(m, a, b).to(host_t.dtype))
 
 
+# ------------------------------------------------------------------------------ decode mask plan
+def block_at(block_table: torch.Tensor, r: torch.Tensor, pos: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Block id (int64) holding position ``pos`` of batch row ``r`` (positions clamped into the table)."""
+    page = torch.clamp(torch.div(pos, page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
+    return block_table[r, page].long()  # gather, then widen: never convert the whole table
+
 
 def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, reqs,
                           prompt_step=None, *, page_size: int, window: int, block_size_k: int, interval: int,
@@ -345,14 +351,9 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, bl
     r = reqs.long()
     L = seq_lens.long()[r]
     live = L > 0  # padding rows of a fixed-size (CUDA graph) decode batch have no tokens
-
-    def block_at(pos):
-        page = torch.clamp(torch.div(pos, page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
-        return block_table[r, page].long()  # gather, then widen: never convert the whole table
-
-    key_now = block_at(L - 1)
+    key_now = block_at(block_table, r, L - 1, page_size)
     new_page = (L - 1) % page_size == 0
-    key_prev = torch.where(new_page & (L > 1), block_at(L - 2), key_now)
+    key_prev = torch.where(new_page & (L > 1), block_at(block_table, r, L - 2, page_size), key_now)
     s_prev = slot_of_block[key_prev % num_blocks]
     own = (slot_key[s_prev] == key_prev) & live
     if prompt_step is not None:

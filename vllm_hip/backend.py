@@ -210,13 +210,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # Decode requests first, so prefill and decode blocks are contiguous runs.
         self._init_reorder_batch_threshold(1)
         if device.type == "cuda":
-            gap = eager_decode_batches(compat.full_decode_graph_sizes(vllm_config), max_seqs)
+            full_sizes = compat.full_decode_graph_sizes(vllm_config)
+            gap = eager_decode_batches(full_sizes, max_seqs)
             if gap:
                 logger.warning(
                     "HIP: decode batches of %d-%d requests get no full CUDA graph (capture sizes up to "
                     "max_num_seqs=%d: %s) and run HiP attention eagerly, ~0.7 ms of host time per layer on an "
                     "H200; add %d to compilation_config.cudagraph_capture_sizes to capture them",
-                    gap[0], gap[1], max_seqs, compat.full_decode_graph_sizes(vllm_config), max_seqs)
+                    gap[0], gap[1], max_seqs, full_sizes, max_seqs)
 
     def _plan_warmup_args(self, device, width: int, prompt: bool):
         """A decode plan of no requests (only the padding rows are written): compiles the plan kernel."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_hip.kernels.reference import decode_plan_reference
+from vllm_hip.kernels.reference import block_at, decode_plan_reference
 
 
 @dataclass
@@ -68,20 +68,13 @@ class DecodeMaskState:
         """Rows each layer's mask cache needs (the slots plus the trash row)."""
         return self.num_slots + 1
 
-    def _block_at(self, block_table, r, pos):
-        page = torch.clamp(torch.div(pos, self.page_size, rounding_mode="floor"), 0, block_table.shape[1] - 1)
-        return block_table[r, page].long()  # gather, then widen: never convert the whole table
-
-    def _entry(self, block):
-        return block % self.num_blocks
-
     def invalidate(self, block_table: torch.Tensor, seq_lens: torch.Tensor, reqs: torch.Tensor) -> None:
         """Prefill steps of ``reqs``: forget any slot keyed by the block their newest token is in."""
         if reqs.numel() == 0:
             return
         r = reqs.long()
-        key = self._block_at(block_table, r, seq_lens.long()[r] - 1)
-        s = self.slot_of_block[self._entry(key)]
+        key = block_at(block_table, r, seq_lens.long()[r] - 1, self.page_size)
+        s = self.slot_of_block[key % self.num_blocks]
         mine = self.slot_key[s] == key
         self.slot_key[torch.where(mine, s, torch.full_like(s, self.trash))] = -1
 
