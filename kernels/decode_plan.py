@@ -16,7 +16,7 @@ import triton.language as tl
 from .reference import decode_plan_reference  # noqa: F401  (the oracle of decode_plan; re-exported)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit(do_not_specialize=["n", "sbt0"])
 def _decode_plan_kernel(
     bt_ptr, sbt0, W, seq_ptr, req_ptr, prompt_ptr, qsl_ptr, n, rows,
     slot_key_ptr, refresh_len_ptr, ws_state_ptr, slot_of_block_ptr, used_ptr, by_rank_ptr,

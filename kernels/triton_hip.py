@@ -315,7 +315,7 @@ def _hip_mask_body(
             tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sbt0"])
 def _hip_mask_kernel(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -335,7 +335,7 @@ def _hip_mask_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["sbt0"])
 def _hip_mask_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -500,7 +500,7 @@ def _hip_mask_round_body(
                 tl.store(hi_out + pid * N_PAD + slot, chi2, mask=sel)
 
 
-@triton.jit(do_not_specialize=["rnd", "cpp"])
+@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0"])
 def _hip_mask_round_kernel(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -521,7 +521,7 @@ def _hip_mask_round_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["rnd", "cpp"])
+@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0"])
 def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -610,8 +610,10 @@ def hip_mask(
     while size > 1:
         size = (size + 1) // 2
         n_rounds += 1
-    lo = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev).unbind(0)
-    hi = torch.empty((2, QB * Hkv * n_pad), dtype=torch.int32, device=dev).unbind(0)
+    # ping-pong rows start 16-byte aligned: Triton keys compiled kernels on pointer alignment
+    width = _cdiv(QB * Hkv * n_pad, 4) * 4
+    lo = torch.empty((2, width), dtype=torch.int32, device=dev).unbind(0)
+    hi = torch.empty((2, width), dtype=torch.int32, device=dev).unbind(0)
     cnt = torch.empty((QB * Hkv,), dtype=torch.int32, device=dev)
     out_strides = out.stride()
     _hip_mask_init_kernel[(QB, Hkv)](
@@ -737,7 +739,7 @@ def _hip_attn_body(
                      o.to(o_ptr.dtype.element_ty), mask=rvalid[:, None])
 
 
-@triton.jit(do_not_specialize=["QB", "T"])
+@triton.jit(do_not_specialize=["QB", "T", "sbt0"])
 def _hip_attn_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -756,7 +758,7 @@ def _hip_attn_kernel(
         UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["QB", "T"])
+@triton.jit(do_not_specialize=["QB", "T", "sbt0"])
 def _hip_attn_kernel_tiered(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,

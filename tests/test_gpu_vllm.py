@@ -8,6 +8,7 @@ a time on the one GPU: each job reserves its KV pool explicitly (``kv_cache_memo
 profile sees another's allocations. Tests then compare the results; a failed job fails the tests that use it.
 """
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -100,6 +101,9 @@ def smollm2(haystack):
 @pytest.fixture(scope="module")
 def results(tiny_model, prompts, smollm2):
     jobs = _jobs(tiny_model, prompts, smollm2)
+    only = os.environ.get("HIP_GPU_JOBS")  # developer shortcut: a comma list of job names; other tests skip
+    if only:
+        jobs = {k: v for k, v in jobs.items() if k in only.split(",")}
 
     def one(item):
         name, (spec, env) = item
@@ -115,6 +119,8 @@ def results(tiny_model, prompts, smollm2):
 
 
 def _tokens(results, name):
+    if name not in results:
+        pytest.skip(f"engine job {name} not selected (HIP_GPU_JOBS)")
     r = results[name]
     if isinstance(r, BaseException):
         raise r
@@ -159,8 +165,8 @@ def test_smollm2_passkey_hip_answers_as_dense(results, smollm2):
 def test_no_kernel_compiles_during_serving(results):
     """Every HiP kernel variant is compiled at start-up (ops.compile_kernels): with vLLM's jit_monitor in error
     mode, any Triton compile after start-up fails the engine job. Skipped if the FLASH_ATTN control trips it."""
-    if isinstance(results["jit_control"], BaseException):
-        pytest.skip(f"vLLM's own kernels compile during serving here: {str(results['jit_control'])[-300:]}")
+    if isinstance(results.get("jit_control"), BaseException):
+        pytest.skip(f"vLLM's own kernels compile during serving here: {str(results.get('jit_control'))[-300:]}")
     assert len(_tokens(results, "jit_hip")) == 4
 
 

@@ -77,3 +77,20 @@ def test_batch_dependent_values_are_unspecialized_runtime_args(monkeypatch, tier
                 assert names[i] in free, f"{name}: int argument {names[i]} takes {sorted(values)} across " \
                                          f"batches but is specialized (add it to do_not_specialize)"
     assert launched >= 4  # init, round, attention, merge
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_builder_metadata_rows_start_16_byte_aligned(n):
+    """The builder ships a step's per-request int rows to the device in one copy. Triton keys compiled kernels on
+    pointer alignment, so a row at an unaligned offset (n not a multiple of 4) compiled a second variant of every
+    kernel mid-serving on the H200 (vLLM's jit_monitor: _hip_mask_init_kernel). Every row must start aligned."""
+    import types
+
+    from vllm_hip.backend import HipMetadataBuilder
+
+    stub = types.SimpleNamespace(device=torch.device("cpu"))
+    stub._h2d = lambda t: HipMetadataBuilder._h2d(stub, t)
+    host = torch.arange(4 * n, dtype=torch.int64).view(4, n) * 7
+    rows = HipMetadataBuilder._h2d_rows(stub, host)
+    assert [r.data_ptr() % 16 for r in rows] == [0] * 4
+    assert torch.equal(torch.stack(rows), host.to(torch.int32))

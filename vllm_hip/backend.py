@@ -229,6 +229,15 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
     def _is_dense_layer(self, name: str) -> bool:
         return is_dense_layer(self.cfg, name)
 
+    def _h2d_rows(self, host: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Host ``[R, n]`` -> R int32 device rows from one copy, each starting 16-byte aligned: Triton keys its
+        compiled kernels on pointer alignment, so a row at an unaligned offset (n not a multiple of 4) would
+        compile a second variant of every kernel in the middle of serving (seen on the H200)."""
+        r, n = host.shape
+        padded = torch.zeros(r, max(4, -(-n // 4) * 4), dtype=torch.int32)
+        padded[:, :n] = host
+        return tuple(row[:n] for row in self._h2d(padded).unbind(0))
+
     def _h2d(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor -> int32 on the device, without blocking the host on CUDA."""
         t = t.to(torch.int32)
@@ -264,8 +273,11 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         dense_decode = self._dense_decode(cm, dec_reqs) if decode is not None and self._fa_ok else None
         if self._mask_caches is None:
             hip_layers = [name for name in self.layer_names if not self._is_dense_layer(name)]
-            # One tensor for all layers, so offload reads every layer's selection in one gather.
-            self._mask_stack = torch.full((len(hip_layers), state.cache_rows, self.num_kv_heads, self.cfg.n_select),
+            # One tensor for all layers, so offload reads every layer's selection in one gather. Rows padded to a
+            # multiple of 4, so every layer's slice starts 16-byte aligned like the start-up warm-up's (Triton
+            # keys compiled kernels on pointer alignment); the padding rows are never selected.
+            rows = -(-state.cache_rows // 4) * 4
+            self._mask_stack = torch.full((len(hip_layers), rows, self.num_kv_heads, self.cfg.n_select),
                                           -1, dtype=torch.int32, device=self.device)
             self._mask_caches = {name: self._mask_stack[i] for i, name in enumerate(hip_layers)}
         tiers = self._offload_tables(cm, seq_lens, block_table, decode) if self.cfg.offload.enabled else None
@@ -368,7 +380,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             raise RuntimeError(f"{n} decode requests exceed max_num_seqs={self._dec['req'].shape[0]}")
         pre = getattr(cm, "is_prefilling", None)
         if pre is not None and pre.device.type == "cpu":  # one host->device copy for both (no blocking copy)
-            d32, prompt32 = self._h2d(torch.stack([dec_reqs, pre[dec_reqs].to(dec_reqs.dtype)])).unbind(0)
+            d32, prompt32 = self._h2d_rows(torch.stack([dec_reqs, pre[dec_reqs].to(dec_reqs.dtype)]))
         else:
             d32 = self._h2d(dec_reqs)
             prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
@@ -405,7 +417,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         req = reqs[qb_req.long()]
         start = qsl_cpu[req].long() + qb_rel.long() - sub_qsl[qb_req.long()]
         host = torch.stack([req, start, qb_len.long(), qb_pos0.long()])
-        req_d, start_d, len_d, pos0_d = self._h2d(host).unbind(0)
+        req_d, start_d, len_d, pos0_d = self._h2d_rows(host)
         ws = window_starts(pos0_d, cfg.sliding_window, cfg.block_size_k)
         if cfg.dense_below_seq_len:
             ws = torch.where(seq_lens[req_d.long()] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)

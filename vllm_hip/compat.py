@@ -95,9 +95,11 @@ def get_current_vllm_config():
 
 
 def init_logger(name: str):
+    """A logger under vLLM's ``vllm`` logger, so our lines print with vLLM's handler and level (a logger named
+    ``vllm_hip.*`` sits outside that tree: its INFO lines were dropped and its warnings printed unformatted)."""
     from vllm.logger import init_logger as _init
 
-    return _init(name)
+    return _init(f"vllm.{name}")
 
 
 def flash_attn_varlen():

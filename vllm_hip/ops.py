@@ -182,6 +182,6 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
         th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
                          out=torch.empty_like(q1), num_splits=splits, **common)
     key = torch.randn(2, num_kv_heads, D, generator=g).to(device, dtype)
-    th.kv_write(key, key, k_cache, v_cache, i32([0, 1]))
+    th.kv_write(key, key, k_cache, v_cache, torch.tensor([0, 1], device=device))  # int64, as vLLM's slot mapping
     if device.type == "cuda":
         torch.cuda.synchronize(device)
