@@ -38,6 +38,11 @@ SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
              num_key_value_heads=2, head_dim=32, vocab_size=4096, rope_scaling=None, torch_dtype="float32")
 
 
+
+def _pct(xs, p):
+    """p-th percentile of step times ``xs`` (seconds) in ms, nearest rank; None for no steps."""
+    return round(1e3 * sorted(xs)[min(len(xs) - 1, len(xs) * p // 100)], 2) if xs else None
+
 def write_model_dir(path: Path, tokenizer_dir: Path, max_len: int, smoke: bool = False) -> Path:
     """config.json of Llama-3.1-8B shapes (``smoke``: a tiny Llama, to check the script on CPU) plus a small
     local tokenizer (prompts are token ids anyway)."""
@@ -167,7 +172,10 @@ def worker(a) -> None:
                 "ttft_last_s": round(ttft[-1], 3), "total_s": round(t_end - t0, 3),
                 "decode_tok_s": round((sum(ntok.values()) - tok_all - prof_tok) / max(t_end - t_all - prof_s, 1e-9), 1),
                 # median step while all requests decode (the rate above also covers the tail, as requests finish)
-                "full_batch_step_ms": round(1e3 * sorted(full_steps)[len(full_steps) // 2], 2) if full_steps else None}
+                "full_batch_step_ms": _pct(full_steps, 50),
+                # spread of those steps: HiP's decode steps differ by how many requests refresh their masks
+                "full_batch_step_ms_p10": _pct(full_steps, 10), "full_batch_step_ms_p90": _pct(full_steps, 90),
+                "full_batch_steps": len(full_steps)}
 
     # Warm-up: short prompts (dense prefill, decode graphs) and, for HiP, prompts past dense_below_seq_len, so
     # the HiP prefill kernels and mixed prefill+decode steps compile here and not inside a timed point.

@@ -7,7 +7,8 @@
 #             engine processes load the plugin; converts SmolLM2 from $SMOLLM2_GGUF if given.
 # kernels     GPU kernel tests (tests/test_kernels_triton.py, real sizes).
 # vllm        HIP inside vLLM on the GPU (tests/test_gpu_vllm.py): equality with FLASH_ATTN, CUDA graphs,
-#             SmolLM2 passkey.
+#             SmolLM2 passkey, no Triton compile while serving, offload equality. HIP_GPU_JOBS=a,b runs only
+#             those engine jobs (a developer shortcut when device time is short; the other tests skip).
 # bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
@@ -44,7 +45,8 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
       fi
       python3 -c "import vllm_hip.kernels.triton_hip" ;;
     kernels) python3 -m pytest -q -ra tests/test_kernels_triton.py tests/test_kernels_tiered.py tests/test_page_swap.py \
-               tests/test_kv_residency.py tests/test_decode_plan.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
+               tests/test_kv_residency.py tests/test_decode_plan.py tests/test_compile_kernels.py \
+               tests/test_kernel_specialization.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
     bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \

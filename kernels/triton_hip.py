@@ -145,7 +145,7 @@ def _kv_write_kernel(
                    D=D, DV=DV, BD=BD, BDV=BDV, TIERED=False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_dev"])
 def _kv_write_kernel_tiered(
     key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
     sk0, sk1, sk2, sv0, sv1, sv2,
@@ -335,7 +335,7 @@ def _hip_mask_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["sbt0"])
+@triton.jit(do_not_specialize=["sbt0", "n_dev"])
 def _hip_mask_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -521,7 +521,7 @@ def _hip_mask_round_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0"])
+@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev"])
 def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -758,7 +758,7 @@ def _hip_attn_kernel(
         UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["QB", "T", "sbt0"])
+@triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev"])
 def _hip_attn_kernel_tiered(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,

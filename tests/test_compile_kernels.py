@@ -52,3 +52,24 @@ def test_warm_up_launches_every_variant(monkeypatch):
     assert attn == {True: {True, False}, False: {True, False}}, attn  # prefill and decode tiles, split or not
     for kernel in ("_hip_mask_kernel", "_hip_mask_round_kernel"):  # prefill (no refresh flags) and decode
         assert {dict(v)["HAS_ACTIVE"] for n, v in seen if n == kernel} == {True, False}, kernel
+
+
+def test_warm_up_with_offload_launches_the_two_tier_variants(monkeypatch):
+    """With KV offload the HiP layers launch the ``*_tiered`` kernels and the page swap; on the H200 they compiled
+    at first use, inside serving steps (jit_monitor). The warm-up must launch them too, with a host tier."""
+    import vllm_hip.kernels.page_swap as ps
+
+    th = ops._triton()
+    seen = set()
+    tiered = ("_hip_mask_kernel_tiered", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel_tiered",
+              "_kv_write_kernel_tiered")
+    for name in tiered:
+        monkeypatch.setattr(th, name, Spy(getattr(th, name), seen, name))
+    monkeypatch.setattr(ps, "_swap_pages_kernel", Spy(ps._swap_pages_kernel, seen, "_swap_pages_kernel"))
+    cfg = HipConfig.from_dict({"k": 64, "block_size_k": 4, "block_size_q": 16, "sink_tokens": 8, "sliding_window": 32,
+                               "offload": {"gpu_blocks": 8, "host_gib": 0.01}})
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops.compile_kernels(dev, torch.float32, num_heads=8, num_kv_heads=2, head_size=32, page_size=16,
+                        block_table_width=40, cfg=cfg, host_tier=True)
+    assert {n for n, _ in seen} == {*tiered, "_swap_pages_kernel"}, seen
+    assert {dict(v)["SPLIT"] for n, v in seen if n == "_hip_attn_kernel_tiered"} == {True, False}

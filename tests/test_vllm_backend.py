@@ -68,6 +68,19 @@ def test_triton_kernels_in_engine_match_cpu_backend(tiny_model, prompts, dense_c
     assert got == [t[:8] for t in dense_chunked[:2]]
 
 
+def test_no_kernel_compiles_after_startup(tiny_model, prompts):
+    """CPU stand-in for vLLM's jit_monitor: every Triton launch while serving (requests joining mid-decode, so
+    prefill, decode and mixed batches of changing sizes; HiP pruning active) has a compile key some start-up launch
+    (the builder's ``ops.compile_kernels``, vLLM's profile run) already had, so no GPU step stalls on a compile.
+    On the H200 the monitor caught metadata rows at unaligned offsets doing exactly that (tests/kernel_keys.py)."""
+    spec = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts[:3], max_num_batched_tokens=128, enable_prefix_caching=False)
+    spec.update(max_tokens=10, force_triton=True, kernel_keys=True, mode="staggered", join_after=[0, 3, 5])
+    r = run_vllm(spec)
+    assert r["startup_kernel_launches"] > 0 and r["serving_kernel_launches"] > 0
+    assert r["new_kernel_variants"] == [], "kernels a GPU would compile while serving:\n" + \
+        "\n".join(r["new_kernel_variants"])
+
+
 def test_pruning_hip_changes_long_outputs_only(tiny_model, prompts, dense_chunked):
     """With real pruning, the short prompt (below sink + window + k) is untouched, and the run completes
     through chunked prefill and mixed batches with every token id in range."""

@@ -9,6 +9,8 @@ kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
 * ``staggered``: prompt i joins the running engine after ``join_after[i]`` engine steps, so prefills of
   new requests share steps with decodes of running ones (mixed batches, requests joining and leaving).
 ``force_triton``: run HIP's Triton kernels (the CUDA path) on CPU under the Triton interpreter.
+``kernel_keys`` (with ``force_triton``): record every kernel launch's compile key (tests/kernel_keys.py) and
+report, as ``new_kernel_variants``, launches after start-up that would compile a new kernel on a GPU.
 """
 import json
 import os
@@ -24,6 +26,11 @@ def run(spec: dict) -> dict:
         import vllm_hip.ops as ops
 
         ops._use_triton = lambda t: True
+    keys: list = []
+    if spec.get("kernel_keys"):
+        import kernel_keys
+
+        kernel_keys.install(keys)
     from vllm import LLM, SamplingParams
 
     kw = dict(model=spec["model"], enforce_eager=True, seed=0, dtype="float32", max_model_len=2048)
@@ -39,6 +46,7 @@ def run(spec: dict) -> dict:
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
+    startup_launches = len(keys)
     sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
     t0 = time.time()
     if spec.get("mode", "generate") == "generate":
@@ -60,6 +68,11 @@ def run(spec: dict) -> dict:
             step += 1
         tokens = [done[str(i)] for i in range(len(spec["prompts"]))]
     result = {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
+    if spec.get("kernel_keys"):
+        import kernel_keys
+
+        result.update(startup_kernel_launches=startup_launches, serving_kernel_launches=len(keys) - startup_launches,
+                      new_kernel_variants=kernel_keys.new_variants(keys, startup_launches))
     if spec.get("ray"):
         import ray
 

@@ -190,14 +190,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             else:
                 logger.info("HIP: dense prefill (hip.dense_layers, requests below hip.dense_below_seq_len) runs on "
                             "vLLM's FlashAttention")
-        if device.type == "cuda":  # compile the HiP kernels now, not in the first long request's steps
+        if ops.on_triton(self.no_indices):  # compile the HiP kernels now, not in the first long request's steps
             t0 = time.perf_counter()
             try:
                 width = -(-vllm_config.model_config.max_model_len // self.page_size)
                 heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
                 ops.compile_kernels(device, dtype, num_heads=heads, num_kv_heads=self.num_kv_heads,
                                     head_size=kv_cache_spec.head_size, page_size=self.page_size,
-                                    block_table_width=width, cfg=self.cfg)
+                                    block_table_width=width, cfg=self.cfg, host_tier=self.cfg.offload.enabled)
                 for prompt in (True, False):
                     self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt))
                 logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)

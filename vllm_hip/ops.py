@@ -140,48 +140,71 @@ def flash_attn_check(device, dtype, head_size: int, num_kv_heads: int, page_size
 
 
 def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_size: int, page_size: int,
-                    block_table_width: int, cfg) -> None:
+                    block_table_width: int, cfg, host_tier: bool = False) -> None:
     """Launch every Triton kernel variant the HiP layers use (prefill and decode shapes, both mask paths, split
     and unsplit attention, the KV write) once on a tiny cache, so Triton compiles them at start-up and never in
     a serving step (vLLM's jit_monitor flags such compiles; each costs seconds). What decides a compiled variant
-    (head counts and size, dtype, HiP settings, the block table's width, the cache's strides) is the engine's;
-    the sizes are tiny. Host-tier (offload) variants compile at their first use."""
+    (head counts and size, dtype, HiP settings, the cache's strides, which tensors are 16-byte aligned) is the
+    engine's; the sizes are tiny. ``host_tier`` (KV offload): the two-tier variants too, with a small host tier
+    mapped the way the offload manager maps its own."""
     th = _triton()
     g = torch.Generator(device="cpu").manual_seed(0)
     D, bq, bk = head_size, cfg.block_size_q, cfg.block_size_k
     ctx = min(block_table_width * page_size, cfg.sink_tokens + cfg.sliding_window + 2 * cfg.k + 2 * bq)
     pages = -(-ctx // page_size)
-    kv = torch.randn(pages, num_kv_heads, page_size, 2 * D, generator=g).to(device, dtype)
-    k_cache, v_cache = compat.split_kv_cache(kv, D)
+
+    def paged(n):  # vLLM's layout: physical [pages, page, heads, 2*hs], logical [pages, heads, page, 2*hs]
+        return torch.randn(n, page_size, num_kv_heads, 2 * D, generator=g).to(dtype).transpose(1, 2)
+
+    k_cache, v_cache = compat.split_kv_cache(paged(pages).to(device), D)
+    tiers = [{}]
+    if host_tier:
+        host = paged(2).transpose(1, 2).contiguous()
+        if device.type == "cuda":
+            pinned = compat.pinned_host_empty(host.shape, dtype)
+            pinned.copy_(host)
+            host = compat.device_view_of_host(pinned)
+        hk, hv = compat.split_kv_cache(host.transpose(1, 2), D)
+        tiers.append(dict(host_k_cache=hk, host_v_cache=hv))
     bt = torch.zeros(1, block_table_width, dtype=torch.int32)
     bt[0, :pages] = torch.arange(pages, dtype=torch.int32)
     bt = bt.to(device)
     i32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     seq = i32([ctx])
-    common = dict(sink_tokens=cfg.sink_tokens, block_size_k=bk, scale=D ** -0.5)
     mask_kw = dict(n_select=cfg.n_select, block_size_q=bq, block_size_k=bk, sink_tokens=cfg.sink_tokens,
                    query_stride=cfg.query_stride)
-    # prefill: one query block of bq rows ending at the context's end; both mask paths; attention split or not
     q = torch.randn(bq, num_heads, D, generator=g).to(device, dtype)
+    q1 = q[:1].contiguous()
     req, start, ln, pos0 = i32([0]), i32([0]), i32([bq]), i32([ctx - bq])
     ws = ref.window_starts(pos0, cfg.sliding_window, bk)
-    for single in (True, False):
-        idx = th.hip_mask(q, k_cache, bt, req, start, ln, ws, single_launch=single, **mask_kw)
-    for splits in (1, 2):
-        th.hip_attention(q, k_cache, v_cache, bt, seq, req, start, ln, pos0, ws, idx, out=torch.empty_like(q),
-                         block_size_q=bq, num_splits=splits, **common)
-    # decode: one row, cached-mask rows and refresh flags as the backend passes them; attention split or not
-    q1 = q[:1].contiguous()
     one, cache = i32([1]), torch.full((2, num_kv_heads, cfg.n_select), -1, dtype=torch.int32, device=device)
     pos1 = i32([ctx - 1])
     ws1 = ref.window_starts(pos1, cfg.sliding_window, bk)
-    for single in (True, False):  # large decode batches take the one-launch path
-        th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
-                    single_launch=single, **mask_kw)
-    for splits in (None, 1):
-        th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
-                         out=torch.empty_like(q1), num_splits=splits, **common)
     key = torch.randn(2, num_kv_heads, D, generator=g).to(device, dtype)
-    th.kv_write(key, key, k_cache, v_cache, torch.tensor([0, 1], device=device))  # int64, as vLLM's slot mapping
+    for tier in tiers:
+        common = dict(sink_tokens=cfg.sink_tokens, block_size_k=bk, scale=D ** -0.5, **tier)
+        mask_tier = dict(mask_kw, host_k_cache=tier.get("host_k_cache"))
+        # prefill: one query block of bq rows ending at the context's end; both mask paths; attention split or not
+        for single in (True, False):
+            idx = th.hip_mask(q, k_cache, bt, req, start, ln, ws, single_launch=single, **mask_tier)
+        for splits in (1, 2):
+            th.hip_attention(q, k_cache, v_cache, bt, seq, req, start, ln, pos0, ws, idx, out=torch.empty_like(q),
+                             block_size_q=bq, num_splits=splits, **common)
+        # decode: one row, cached-mask rows and refresh flags as the backend passes them; attention split or not
+        for single in (True, False):  # large decode batches take the one-launch path
+            th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
+                        single_launch=single, **mask_tier)
+        for splits in (None, 1):
+            th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
+                             out=torch.empty_like(q1), num_splits=splits, **common)
+        # int64, as vLLM's slot mapping
+        th.kv_write(key, key, k_cache, v_cache, torch.tensor([0, 1], device=device), **tier)
+    if host_tier:  # the offload manager's page swap: one launch over tiers of the engine's page shape, moving nothing
+        from vllm_hip.kernels.page_swap import PageSwapper
+
+        dev_pages = paged(2).transpose(1, 2).contiguous().to(device)
+        swap = PageSwapper([(dev_pages.view(2, -1), host.view(2, -1))], device)
+        none = torch.zeros(cfg.offload.max_moves, dtype=torch.int64, device=device)
+        swap(none, none.clone(), torch.zeros_like(none, dtype=torch.bool))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
