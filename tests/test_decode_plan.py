@@ -20,7 +20,7 @@ if not CUDA:
 pytest.importorskip("triton")
 
 from kernels.decode_plan import decode_plan  # noqa: E402
-from kernels.reference import decode_plan_reference  # noqa: E402
+from kernels.reference import decode_plan_into_reference, decode_plan_reference  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 PAGE = 16
@@ -38,7 +38,7 @@ def _state(slots, blocks):
 def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows):
     g = torch.Generator().manual_seed(seed)
     slots, blocks, width = rows, max(96, 4 * rows), 12
-    ref, tri = _state(slots, blocks), _state(slots, blocks)
+    ref, tri, ref2 = _state(slots, blocks), _state(slots, blocks), _state(slots, blocks)
     scratch = torch.zeros(2, slots + 2, dtype=torch.int32, device=DEV)
     free_blocks = list(torch.randperm(blocks, generator=g).tolist())
     live = {}  # request id -> [blocks, length]
@@ -84,6 +84,13 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         assert torch.equal(out["length"][:R].cpu(), (L > 0).to(torch.int32).cpu())
         assert torch.equal(out["pos0"][:R].cpu(), (L - 1).to(torch.int32).cpu())
         assert (out["length"][R:] == 0).all() and not refresh[R:].any(), "padding rows must stay inert"
+        # the whole output of the torch path the CPU backend takes (kernels.reference.decode_plan_into_reference)
+        ref_out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV) for k in out}
+        ref_refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
+        decode_plan_into_reference(*ref2, bt, seq, reqs, prompt, qsl, ref_out, ref_refresh, **kw)
+        for k in out:
+            assert torch.equal(ref_out[k][:R].cpu(), out[k][:R].cpu()), f"step {step}: buffer {k}"
+        assert torch.equal(ref_refresh.cpu(), refresh.cpu()) and torch.equal(ref_out["length"][R:], out["length"][R:])
         for a, b, name in zip(ref[:3], tri[:3], ("slot_key", "refresh_len", "window_start")):
             assert torch.equal(a[:slots].cpu(), b[:slots].cpu()), f"step {step}: state {name} differs"
         assert torch.equal(ref[3][:blocks].cpu(), tri[3][:blocks].cpu()), f"step {step}: slot_of_block differs"

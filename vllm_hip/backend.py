@@ -199,7 +199,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                                     head_size=kv_cache_spec.head_size, page_size=self.page_size,
                                     block_table_width=width, cfg=self.cfg, host_tier=self.cfg.offload.enabled)
                 for prompt in (True, False):
-                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt))
+                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True)
                 logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)
             except Exception as e:  # only a warm-up: the kernels then compile at their first use
                 logger.warning("HIP: kernel warm-up failed (%r); kernels will compile at first use", e)
@@ -385,23 +385,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             d32 = self._h2d(dec_reqs)
             prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
         b = self._dec
-        if ops.on_triton(seq_lens):  # plan and buffers in one launch instead of ~100 small ops
-            self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b,
-                                        self._dec_refresh)
-        else:
-            d = d32.long()
-            plan = self.decode_state.plan(block_table, seq_lens, d, None if prompt32 is None else prompt32.bool())
-            L = seq_lens[d]
-            b["req"][:n].copy_(d)
-            b["start"][:n].copy_(cm.query_start_loc[d])
-            b["length"][:n].copy_(L > 0)
-            b["pos0"][:n].copy_(L - 1)
-            b["window_start"][:n].copy_(plan.window_start)
-            b["row"][:n].copy_(plan.row)
-            self._dec_refresh[:n].copy_(plan.refresh)
-            # Rows past n (padding of a captured batch) stay inert: no tokens, no refresh.
-            b["length"][n:].zero_()
-            self._dec_refresh[n:].zero_()
+        # on CUDA one launch instead of ~100 small ops; rows past n (padding of a captured batch) stay inert
+        self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b, self._dec_refresh,
+                                    triton=ops.on_triton(seq_lens))
         return QueryBlocks(
             req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],

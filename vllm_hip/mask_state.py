@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_hip.kernels.reference import block_at, decode_plan_reference
+from vllm_hip.kernels.reference import block_at, decode_plan_into_reference, decode_plan_reference
 
 
 @dataclass
@@ -91,16 +91,23 @@ class DecodeMaskState:
             interval=self.interval, dense_below=self.dense_below)
         return DecodeMaskPlan(row=row, refresh=refresh, window_start=ws)
 
-    def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out) -> None:
-        """``plan`` plus the decode buffers of the step in one Triton launch (CUDA): ``out`` holds the int32
-        buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row`` (rows past the requests are
-        padding: length 0, no refresh), ``refresh_out`` the bool refresh flags. ``reqs`` and ``prompt_step``
-        int32 on the device. Same result as ``plan`` (tests/test_decode_plan.py)."""
+    def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out, *,
+                  triton: bool) -> None:
+        """``plan`` plus the decode buffers of the step: ``out`` holds the int32 buffers ``req``, ``start``,
+        ``length``, ``pos0``, ``window_start``, ``row`` (rows past the requests are padding: length 0, no
+        refresh), ``refresh_out`` the bool refresh flags; ``reqs`` and ``prompt_step`` int32. ``triton``: in
+        one launch of the Triton kernel (CUDA) instead of ~100 small torch ops; the same result
+        (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py)."""
+        kw = dict(page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
+                  interval=self.interval, dense_below=self.dense_below)
+        state = (self.slot_key, self.refresh_len, self.window_start, self.slot_of_block)
+        if not triton:
+            decode_plan_into_reference(*state, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
+                                       refresh_out, **kw)
+            return
         from vllm_hip.kernels.decode_plan import decode_plan
 
         if self._scratch is None:
             self._scratch = torch.zeros(2, self.num_slots + 2, dtype=torch.int32, device=self.slot_key.device)
-        decode_plan(self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, self._scratch,
-                    block_table, seq_lens, reqs, prompt_step, query_start_loc, out, refresh_out,
-                    page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
-                    interval=self.interval, dense_below=self.dense_below)
+        decode_plan(*state, self._scratch, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
+                    refresh_out, **kw)
