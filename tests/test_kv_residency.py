@@ -48,9 +48,10 @@ def device_resident(res):
 # --------------------------------------------------------------------------------------------- invariants
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("N,G,moves", [(37, 11, 5), (20, 15, 8), (16, 4, 16), (9, 9, 3), (9, 0, 3)])
-def test_random_rounds_keep_permutation_and_contents(device, N, G, moves):
+@pytest.mark.parametrize("writes", [0, 4], ids=["lru", "lru+writes"])
+def test_random_rounds_keep_permutation_and_contents(device, N, G, moves, writes):
     gen = torch.Generator().manual_seed(N * 100 + G)
-    res = KVResidency(N, G, device, max_moves=moves)
+    res = KVResidency(N, G, device, max_moves=moves, max_write_moves=writes)
     tiers = make_tiers(N, G, device, gen)
     before = [virtual(res, d, h).clone() for d, h in tiers]
     # A tier whose contents are the logical page ids: counts every page (nothing lost, nothing duplicated).
@@ -61,15 +62,18 @@ def test_random_rounds_keep_permutation_and_contents(device, N, G, moves):
         shape = (int(torch.randint(1, 4, (), generator=gen)), int(torch.randint(1, 12, (), generator=gen)))
         pages = torch.randint(-2, N, shape, generator=gen)
         valid = torch.rand(shape, generator=gen) < 0.7
-        res.touch(pages.to(device), valid.to(device))
         res.advance()
+        res.touch(pages.to(device), valid.to(device))
+        if writes:
+            res.touch_slots(torch.randint(-3, 4 * N, (int(torch.randint(0, 9, (), generator=gen)),),
+                                          generator=gen).to(device), 4)
         loc_before = res.loc.clone()
         res.rebalance(tiers + [id_tiers])
         res.check()
         assert (res.loc < G).sum().item() == G  # the device tier never holds more than G pages
         n_changed = int((res.loc != loc_before).sum())
         moved_now = res.read_stats()["pages_moved"] - moved
-        assert moved_now == n_changed and moved_now <= 2 * min(moves, G, N - G)
+        assert moved_now == n_changed and moved_now <= 2 * min(moves + writes, G, N - G)
         moved += moved_now
         for (d, h), b in zip(tiers, before):
             assert torch.equal(virtual(res, d, h), b)
@@ -115,6 +119,43 @@ def test_lru_promotes_hottest_host_pages_and_evicts_coldest_device_pages(device)
     assert (loc[9], loc[5], loc[3], loc[1]) == (3, 1, 9, 5)
     assert torch.equal(virtual(res, dev, host), torch.arange(N, dtype=torch.float32, device=device))
     assert res.read_stats()["pages_moved"] == 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pages_written_now_move_in_first_on_top_of_max_moves(device):
+    """A prefill chunk written to host pages moves to the GPU in the same step (its own later chunks read it),
+    beyond max_moves; other hot host pages keep the max_moves budget; device pages used now stay."""
+    N, G, P = 16, 6, 4
+    res = KVResidency(N, G, device, max_moves=1, max_write_moves=3)
+    set_last_used(res, {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 8: 3, 9: 2})  # device 0..5, host 6..15; step is now 5
+    res.touch(torch.tensor([4, 10, 11], device=device))  # used now: device page 4, host pages 10 and 11
+    res.touch_slots(torch.tensor([12 * P, 12 * P + 1, 13 * P + 3, 14 * P, -1], device=device), P)  # writes 12-14
+    dev = torch.arange(G, dtype=torch.float32, device=device)
+    host = torch.arange(G, N, dtype=torch.float32, device=device)
+    res.rebalance([(dev, host)])
+    res.check()
+    assert torch.equal(virtual(res, dev, host), torch.arange(N, dtype=torch.float32, device=device))
+    # written 12, 13, 14 in; then one (max_moves) of the used-now pages 10 / 11; out: the four coldest 0-3
+    resident = device_resident(res)
+    assert {12, 13, 14, 4, 5} <= resident and len(resident & {10, 11}) == 1, resident
+    assert res.read_stats()["pages_moved"] == 8
+    # without the write budget the written pages wait their turn among the other recently used pages
+    plain = KVResidency(N, G, device, max_moves=1)
+    set_last_used(plain, {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 4, 8: 3, 9: 2})
+    plain.touch_slots(torch.tensor([12 * P, 13 * P, 14 * P], device=device), P)
+    plain.rebalance([(dev.clone(), host.clone())])
+    assert len(device_resident(plain) & {12, 13, 14}) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_written_pages_never_displace_device_pages_used_now(device):
+    N, G, P = 8, 2, 4
+    res = KVResidency(N, G, device, max_moves=0, max_write_moves=4)
+    res.advance()
+    res.touch(torch.tensor([0, 1], device=device))  # both device pages read at this step
+    res.touch_slots(torch.tensor([5 * P, 6 * P], device=device), P)
+    res.rebalance([(torch.zeros(G, device=device), torch.zeros(N - G, device=device))])
+    assert device_resident(res) == {0, 1} and res.read_stats()["pages_moved"] == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -301,14 +301,16 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         cfg, page = self.cfg, self.page_size
         if self._offload is None:
             hip_layers = list(self._mask_caches)
+            sched = self._vllm_config.scheduler_config
+            # pages one step can write: its token budget, a partial page per request at most on top
+            write_moves = -(-sched.max_num_batched_tokens // page) + sched.max_num_seqs
             self._offload = HostTiers(cfg, {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers},
-                                      page, self.device)
+                                      page, self.device, write_moves=write_moves)
             cache = self._vllm_config.cache_config
             pool = (cache.num_gpu_blocks or 0) * max(1, cache.block_size // page)  # set where the core shares it
             if pool and pool != self._offload.residency.num_pages:
                 raise RuntimeError(f"HiP KV offload: vLLM's pool has {pool} blocks but the tiers hold "
                                    f"{self._offload.residency.num_pages} pages; the KV-cache plan and the worker disagree")
-            sched = self._vllm_config.scheduler_config
             self._phys_bt = torch.zeros((sched.max_num_seqs, cm.block_table_tensor.shape[1]),
                                         dtype=cm.block_table_tensor.dtype, device=self.device)
             self._phys_slots = torch.full((sched.max_num_batched_tokens,), -1, dtype=cm.slot_mapping.dtype,

@@ -29,7 +29,8 @@ class HipOffloadConfig:
     """KV blocks of each HiP layer kept in GPU memory (shared by all requests); 0 = all the GPU KV memory vLLM
     finds. Must hold the hot set of the running requests (sink + window + selected blocks) to run fast."""
     max_moves: int = 64
-    """Pages swapped between host and GPU per step (promotions of recently used host pages)."""
+    """Pages swapped between host and GPU per step (promotions of recently used host pages). Pages a step
+    writes (prefill chunks, decode tokens) move to the GPU first, on top of this budget."""
 
     @property
     def enabled(self) -> bool:

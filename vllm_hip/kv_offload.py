@@ -140,7 +140,8 @@ class HostTiers:
     Built by the metadata builder at its first step, after vLLM allocated the (shrunk) device tensors.
     """
 
-    def __init__(self, cfg: HipConfig, layer_kv: dict[str, torch.Tensor], page_size: int, device):
+    def __init__(self, cfg: HipConfig, layer_kv: dict[str, torch.Tensor], page_size: int, device,
+                 write_moves: int = 0):
         first = next(iter(layer_kv.values()))
         G = first.shape[0]  # [pages, Hkv, page, 2*hs] logical view of [pages, page, Hkv, 2*hs] storage
         page_bytes = first[0].numel() * first.element_size()
@@ -163,7 +164,8 @@ class HostTiers:
                 host = torch.empty((H, *storage.shape[1:]), dtype=kv.dtype)
             self.host_kv[name] = host.transpose(1, 2)  # same logical view as the device tier
             self.pairs.append((storage.view(G, -1), host.view(H, -1)))
-        self.residency = KVResidency(G + H, G, device, cfg.offload.max_moves)
+        # write_moves: the most pages one step writes, so a prefill chunk lands on the GPU
+        self.residency = KVResidency(G + H, G, device, cfg.offload.max_moves, max_write_moves=write_moves)
         # One launch for all layers, moving only the pages that change tier (CUDA); the torch loop on CPU.
         if pin:
             from vllm_hip.kernels.page_swap import PageSwapper  # triton: only where a GPU tier exists

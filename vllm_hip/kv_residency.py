@@ -27,17 +27,20 @@ from vllm_hip.kernels.reference import swap_pages_reference
 class KVResidency:
     """Logical -> physical page map shared by all HiP layers of one KV-cache group, with an LRU policy."""
 
-    def __init__(self, num_pages: int, num_device_pages: int, device, max_moves: int):
+    def __init__(self, num_pages: int, num_device_pages: int, device, max_moves: int, max_write_moves: int = 0):
         if not 0 <= num_device_pages <= num_pages:
             raise ValueError(f"num_device_pages={num_device_pages} must be within [0, num_pages={num_pages}]")
-        if max_moves < 0:
-            raise ValueError(f"max_moves={max_moves} must be >= 0")
+        if max_moves < 0 or max_write_moves < 0:
+            raise ValueError(f"max_moves={max_moves} and max_write_moves={max_write_moves} must be >= 0")
         self.num_pages = num_pages
         self.num_device_pages = num_device_pages
         self.num_host_pages = num_pages - num_device_pages
         self.max_moves = max_moves
+        # Pages written in a step (a prefill chunk, decode tokens) move to the device on top of max_moves:
+        # the step's attention reads them at once, and a long prefill reads its own prefix over and over.
+        self.max_write_moves = max_write_moves
         # Pairs per rebalance: fixed, so topk and the swap have static shapes.
-        self.k = min(max_moves, num_device_pages, self.num_host_pages)
+        self.k = min(max_moves + max_write_moves, num_device_pages, self.num_host_pages)
         self.device = torch.device(device)
         dev = self.device
         self.loc = torch.arange(num_pages, dtype=torch.int32, device=dev)
@@ -45,6 +48,8 @@ class KVResidency:
         # One extra entry that absorbs the touches of invalid entries (branch-free scatter); -1 = never used.
         self._last_used = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=dev)
         self.last_used = self._last_used[:num_pages]
+        self._last_written = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=dev)
+        self.last_written = self._last_written[:num_pages]
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
         # hits, lookups, pages_moved in one buffer so stats_async needs a single copy.
         self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
@@ -87,16 +92,22 @@ class KVResidency:
         self._counters[:2].add_(torch.stack([(ok & on_device).sum(), ok.sum()]))
 
     def touch_slots(self, slot_mapping: torch.Tensor, page_size: int) -> None:
-        """``touch`` the pages that a step's logical slot mapping writes (negative slots ignored)."""
+        """``touch`` the pages that a step's logical slot mapping writes (negative slots ignored), and mark them
+        written at this step (``rebalance`` promotes written pages first)."""
         s = slot_mapping.long()
-        self.touch(torch.div(s, page_size, rounding_mode="floor"), s >= 0)
+        pages = torch.div(s, page_size, rounding_mode="floor")
+        self.touch(pages, s >= 0)
+        ok = (s >= 0) & (pages < self.num_pages)
+        idx = torch.where(ok, pages, torch.full_like(pages, self.num_pages))
+        self._last_written.scatter_(0, idx, self.step.expand(idx.shape))
 
     def advance(self) -> None:
         self.step.add_(1)
 
     # ---------------------------------------------------------------------------------------------- policy
     def rebalance(self, tiers) -> None:
-        """Swap up to ``max_moves`` hot host pages with cold device pages, in ``loc``/``owner`` and in ``tiers``.
+        """Swap up to ``max_moves`` hot host pages, plus up to ``max_write_moves`` host pages written at this
+        step (first), with cold device pages, in ``loc``/``owner`` and in ``tiers``.
 
         ``tiers``: a callable ``swap(d_idx, h_idx, do)`` (one batched launch, ``kernels/page_swap.py``), or
         (device_tier, host_tier) pairs with pages on dim 0 ([G, ...] and [H, ...]), e.g. every
@@ -107,13 +118,22 @@ class KVResidency:
         if k == 0:
             return
         G = self.num_device_pages
-        lu = self.last_used[self.owner.long()]  # by physical page
+        owner = self.owner.long()
+        # Score by physical page: 2 x last use, +1 if written at this step. A host page written now outranks
+        # every page not used at this step but ties (so never displaces) a device page used now; without
+        # writes the order is plain LRU.
+        written = (self.last_written[owner] == self.step).long()
+        score = 2 * self.last_used[owner] + written
         # topk returns sorted values: promotions hottest first, victims coldest first, so pairing i-th with
         # i-th swaps the largest gains and the active pairs form a prefix.
-        hot, h_idx = torch.topk(lu[G:], k, largest=True)
-        cold, d_idx = torch.topk(lu[:G], k, largest=False)
+        hot, h_idx = torch.topk(score[G:], k, largest=True)
+        cold, d_idx = torch.topk(2 * self.last_used[owner[:G]] + 1, k, largest=False)
         # Strict: a tie gains nothing and would only cost bandwidth.
         do = hot > cold
+        if self.max_write_moves:
+            # Written pages sort first; the others keep the max_moves budget.
+            n_written = (hot == 2 * self.step + 1).sum()
+            do &= torch.arange(k, device=hot.device) < n_written + self.max_moves
         h_phys = h_idx + G
         if callable(tiers):  # a batched swapper (kernels/page_swap.py) over fixed tiers
             tiers(d_idx, h_idx, do)
