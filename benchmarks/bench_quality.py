@@ -298,12 +298,12 @@ def capture(tokens: int, offset: int = LAYER_OFFSET):
     return model, tok, ids, caps, time.time() - t0
 
 
-def layer_table(caps, cfg, max_blocks, decode_steps):
+def layer_table(caps, cfg, max_blocks, decode_steps, mask_fn=None):
     import quality_lib as ql
 
     per = []
     for c in caps:
-        m = ql.layer_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, max_blocks=max_blocks)
+        m = ql.layer_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, max_blocks=max_blocks, mask_fn=mask_fn)
         if decode_steps:
             dm = ql.decode_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, steps=decode_steps)
             m["dec_rel_l2"], m["dec_mass"] = dm["rel_l2"], dm["mass"]
@@ -317,10 +317,14 @@ def cmd_layers(a) -> dict:
     cfg = ql._cfg(a.hip)
     _, _, ids, caps, t_cap = capture(a.tokens)
     t0 = time.time()
-    per = layer_table(caps, cfg, a.max_blocks, a.decode_steps)
+    mask_fn = None
+    if a.mask == "oracle":  # exact top-n blocks under HiP's block score: the ceiling of the selection
+        from mask_variants import mask_oracle as mask_fn
+    per = layer_table(caps, cfg, a.max_blocks, a.decode_steps if a.mask == "v3" else 0, mask_fn)
     t_m = time.time() - t0
-    cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (["dec_rel_l2", "dec_mass"] if a.decode_steps else [])
-    lines = [header(a.cmdline), f"HiP config: {json.dumps(cfg.to_dict())}",
+    cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (
+        ["dec_rel_l2", "dec_mass"] if a.decode_steps and a.mask == "v3" else [])
+    lines = [header(a.cmdline), f"HiP config: {json.dumps(cfg.to_dict())}; selection: {a.mask}",
              f"{a.tokens} tokens of the plays (offset {LAYER_OFFSET}); {a.max_blocks} pruned query blocks per layer "
              f"(evenly spaced); decode: last {a.decode_steps} positions; capture {t_cap:.0f} s, metrics {t_m:.0f} s", "",
              "| layer | " + " | ".join(cols) + " | scored blocks |", "|---|" + "---|" * (len(cols) + 1)]
@@ -333,7 +337,8 @@ def cmd_layers(a) -> dict:
     lines.append("| mean, all 30 | " + " | ".join(f"{mean_all[c]:.3f}" for c in cols) + " | |")
     print("\n".join(lines))
     res = {"config": cfg.to_dict(), "per_layer": per, "mean_hip_layers": mean, "mean_all": mean_all}
-    (Path(a.out) / "quality_layers.json").write_text(json.dumps(res, indent=1))
+    name = "quality_layers.json" if a.mask == "v3" else f"quality_layers_{a.mask}.json"
+    (Path(a.out) / name).write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -425,6 +430,8 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="(c)/(d): captured sequence length")
     ap.add_argument("--max-blocks", type=int, default=16, help="(c)/(d): pruned query blocks scored per layer")
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")
+    ap.add_argument("--mask", choices=["v3", "oracle"], default="v3",
+                    help="(c): the backend's selection (v3) or the exact top-n blocks (oracle, its ceiling)")
     ap.add_argument("--no-sim-ppl", dest="sim_ppl", action="store_false", help="(d): skip the HipSim perplexity")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)

@@ -110,7 +110,7 @@ def _cfg(cfg) -> HipConfig:
 
 @torch.no_grad()
 def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cfg=None,
-                  *, topk: int | None = None, max_blocks: int | None = None) -> dict:
+                  *, topk: int | None = None, max_blocks: int | None = None, mask_fn=None) -> dict:
     """HiP (kernels/reference.py) vs dense causal attention of one layer on one sequence.
 
     Only query blocks where HiP prunes (the window starts after the sink and the candidates outnumber the
@@ -126,6 +126,9 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
       search found;
     * ``mass``: dense softmax mass that falls on the keys HiP attends;
     * ``blocks``: number of pruned query blocks scored.
+
+    ``mask_fn``: the block selection (default ``hip_mask_reference``, the backend's; e.g.
+    ``mask_variants.mask_oracle`` for the ceiling of any selection with the same budget).
     """
     cfg = _cfg(cfg)
     T, Hq, D = q.shape
@@ -149,7 +152,7 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if pruned.numel() == 0:
         return res
     sub = [t[pruned] for t in (qb_req, qb_start, qb_len, qb_pos0, ws)]
-    idx = hip_mask_reference(q, kc, bt, sub[0], sub[1], sub[2], sub[4], n_select=n,
+    idx = (mask_fn or hip_mask_reference)(q, kc, bt, sub[0], sub[1], sub[2], sub[4], n_select=n,
                              block_size_q=cfg.block_size_q, block_size_k=bk, sink_tokens=cfg.sink_tokens,
                              query_stride=cfg.query_stride)
     o_hip = torch.zeros_like(q)
