@@ -41,9 +41,10 @@ def test_smollm2_passkey_matches_dense(smollm2):
     n_tok = [len(tok.encode(p)) for p in prompts]
 
     cfg = HipConfig.from_dict(HIP_QUALITY)
-    # HiP really prunes here: every prompt is far beyond sink + window + k, on every non-dense layer.
+    # HiP really prunes here: every prompt is well beyond sink + window + k (the needle at depth 0-0.5 lies in
+    # the pruned region), on every non-dense layer.
     assert cfg.dense_below_seq_len == 0 and cfg.dense_layers == (0, 1, 2)
-    assert min(n_tok) > 3 * (cfg.sink_tokens + cfg.sliding_window + cfg.k), n_tok
+    assert min(n_tok) > 1.5 * (cfg.sink_tokens + cfg.sliding_window + cfg.k), n_tok
 
     spec = {"model": model, "prompts": prompts, "max_tokens": 8, "engine": {"max_model_len": 8192}}
     dense = run_vllm({**spec, "backend": "default", "hip": None}, timeout=1800)
@@ -63,23 +64,24 @@ def test_smollm2_passkey_matches_dense(smollm2):
 
 
 # --------------------------------------------------------------- selection on captured Q/K/V (CI slice)
-# Per-layer HiP (kernels/reference.py) vs dense attention on SmolLM2's real post-RoPE Q/K/V of 2048 tokens of
-# the Gutenberg plays, HIP_QUALITY settings, averaged over the HiP layers (BENCHMARKS_quality.md, "CI slice").
-CI_TOKENS = 2048
+# Per-layer HiP (kernels/reference.py) vs dense attention on SmolLM2's real post-RoPE Q/K/V of 4096 tokens of
+# the Gutenberg plays (the defaults prune only above sink + window + k = 2176), HIP_QUALITY settings, averaged over
+# the HiP layers (BENCHMARKS.md §4, "Defaults revisited").
+CI_TOKENS = 4096
 CI_MAX_BLOCKS = 4  # pruned query blocks scored per layer (evenly spaced, always including the last)
 CI_THRESHOLDS = {
-    # Measured 2026-11-29 (defaults: k 1024, block_size_k 8; CPU, torch 2.13 fp32): block_recall 1.0, mass 0.991,
-    # rel_l2 0.020. Regressions measured with the same check: random key blocks 0.758 / 0.931 / 0.097;
-    # half the budget (k=512, the earlier default) 0.9525 / 0.967 / 0.051; window and sink only (k=8)
-    # 0.222 / 0.823 / 0.256. Each of them fails at least one bound below.
-    "block_recall": (">=", 0.98),  # share of the exact top-n key blocks (HiP's own block score) found
+    # Measured 2026-11-29 (defaults: k 1024, block_size_k 8, window 1024, sink 128; CPU, torch 2.13 fp32):
+    # block_recall 0.976, mass 0.989, rel_l2 0.0168. Regressions measured with the same check: random key blocks
+    # 0.584 / 0.957 / 0.049; half the budget (k=512) 0.893 / 0.976 / 0.028; window and sink only (k=8)
+    # 0.164 / 0.918 / 0.089. Each of them fails at least one bound below.
+    "block_recall": (">=", 0.95),  # share of the exact top-n key blocks (HiP's own block score) found
     "mass": (">=", 0.98),  # dense softmax mass on the keys HiP attends
-    "rel_l2": ("<=", 0.035),  # ||o_hip - o_dense|| / ||o_dense|| on the pruned query blocks
+    "rel_l2": ("<=", 0.022),  # ||o_hip - o_dense|| / ||o_dense|| on the pruned query blocks
 }
 
 
 @pytest.fixture(scope="module")
-def captured_2k():
+def captured():
     import assets
     import quality_lib as ql
 
@@ -109,17 +111,17 @@ def _check(mean) -> list[str]:
     return bad
 
 
-def test_selection_quality_on_captured_qkv(captured_2k):
+def test_selection_quality_on_captured_qkv(captured):
     """HiP's selection on real Q/K/V keeps its measured quality: the hierarchical search finds the exact
     top key blocks, the attended keys hold the attention mass, and the output stays close to dense."""
-    mean, per = _mean(captured_2k, HIP_QUALITY)
+    mean, per = _mean(captured, HIP_QUALITY)
     print({k: round(v, 4) for k, v in mean.items()})
-    assert all(m["blocks"] > 0 for m in per), "HiP must prune at 2048 tokens on every HiP layer"
+    assert all(m["blocks"] > 0 for m in per), f"HiP must prune at {CI_TOKENS} tokens on every HiP layer"
     bad = _check(mean)
     assert not bad, f"selection quality regressed: {bad}"
 
 
-def test_selection_check_catches_random_blocks(captured_2k, monkeypatch):
+def test_selection_check_catches_random_blocks(captured, monkeypatch):
     """Control: the same check fails when the hierarchical search is replaced by random key blocks."""
     import quality_lib as ql
     import torch
@@ -136,6 +138,6 @@ def test_selection_check_catches_random_blocks(captured_2k, monkeypatch):
         return out
 
     monkeypatch.setattr(ql, "hip_mask_reference", random_blocks)
-    mean, _ = _mean(captured_2k, HIP_QUALITY, layers=[3, 8, 13, 18, 23, 28])
+    mean, _ = _mean(captured, HIP_QUALITY, layers=[3, 8, 13, 18, 23, 28])
     print({k: round(v, 4) for k, v in mean.items()})
     assert _check(mean), "random key blocks pass the selection check: thresholds too loose"
