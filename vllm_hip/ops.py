@@ -161,8 +161,7 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
     if host_tier:
         host = paged(2).transpose(1, 2).contiguous()
         if device.type == "cuda":
-            pinned = compat.pinned_host_empty(host.shape, dtype)
-            pinned.copy_(host)
+            pinned = host.pin_memory()  # torch's pinned allocator: freed safely after the warm-up
             host = compat.device_view_of_host(pinned)
         hk, hv = compat.split_kv_cache(host.transpose(1, 2), D)
         tiers.append(dict(host_k_cache=hk, host_v_cache=hv))
