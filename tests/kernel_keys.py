@@ -27,6 +27,13 @@ def arg_key(v, specialize: bool):
     return (type(v).__name__,)
 
 
+def not_specialized(kernel) -> set:
+    """Names of the kernel's arguments in ``do_not_specialize``."""
+    if hasattr(kernel, "params"):  # compiled JITFunction
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    return set(kernel.kwargs.get("do_not_specialize") or [])  # the interpreter's stand-in keeps the decorator's
+
+
 class Recorder:
     """Stands in for one kernel: ``kernel[grid](*args)`` records the launch's key, then launches."""
 
@@ -35,10 +42,7 @@ class Recorder:
         params = inspect.signature(kernel.fn).parameters
         self.names = list(params)
         self.const = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
-        if hasattr(kernel, "params"):  # compiled JITFunction
-            self.free = {p.name for p in kernel.params if p.do_not_specialize}
-        else:  # the interpreter's stand-in keeps the decorator's arguments
-            self.free = set(kernel.kwargs.get("do_not_specialize") or [])
+        self.free = not_specialized(kernel)
 
     def key(self, args, kw) -> tuple:
         bound = dict(zip(self.names, args), **kw)
@@ -60,13 +64,14 @@ class Recorder:
         return run
 
 
-def install(log: list) -> None:
-    """Replaces every host-launched kernel (``*_kernel``, ``*_kernel_tiered``) of our kernel modules."""
+def install(log: list, set_attr=setattr) -> None:
+    """Replaces every host-launched kernel (``*_kernel``, ``*_kernel_tiered``) of our kernel modules; in a test
+    process pass ``monkeypatch.setattr`` so they are restored afterwards."""
     for mod_name in MODULES:
         mod = importlib.import_module(mod_name)
         for name, obj in list(vars(mod).items()):
             if (name.endswith("_kernel") or name.endswith("_kernel_tiered")) and hasattr(obj, "fn"):
-                setattr(mod, name, Recorder(name, obj, log))
+                set_attr(mod, name, Recorder(name, obj, log))
 
 
 def new_variants(log: list, start: int) -> list[str]:

@@ -80,7 +80,6 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     options, pointer alignment, int specialization) as launches on the tiers ``HostTiers`` really builds around a
     vLLM-layout KV tensor, with metadata shaped as the builder ships it: nothing compiles at the first offloaded
     step (on the H200 three two-tier kernels did, before they were in the warm-up)."""
-    sys.path.insert(0, os.path.dirname(__file__))
     import kernel_keys
 
     from vllm_hip.kernels.reference import window_starts
@@ -88,9 +87,7 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
 
     log: list = []
     th = ops._triton()
-    for mod in kernel_keys.MODULES:  # record through the same module objects ops uses
-        __import__(mod)
-    kernel_keys.install(log)
+    kernel_keys.install(log, monkeypatch.setattr)  # the module objects ops launches through
     Hkv, Hq, hs, page, G, width = 2, 8, 32, 16, 40, 40
     cfg = HipConfig.from_dict({"k": 64, "block_size_k": 4, "block_size_q": 16, "sink_tokens": 8, "sliding_window": 32,
                                "offload": {"host_gib": 60 * Hkv * page * 2 * hs * 4 / 2**30, "max_moves": 4}})

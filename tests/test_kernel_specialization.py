@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 import kernels.triton_hip as th  # noqa: E402
+from kernel_keys import not_specialized  # noqa: E402
 
 KERNELS = ["_hip_mask_init_kernel", "_hip_mask_round_kernel", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel",
            "_hip_attn_kernel_tiered", "_merge_kernel"]
@@ -23,12 +24,6 @@ class Recorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kw: self.calls.append((args, kw))
-
-
-def _not_specialized(kernel) -> set:
-    if hasattr(kernel, "params"):  # JITFunction
-        return {p.name for p in kernel.params if p.do_not_specialize}
-    return set(kernel.kwargs.get("do_not_specialize") or [])  # the interpreter's stand-in
 
 
 def _launch_all(QB: int, ctx: int, tiered: bool):
@@ -70,7 +65,7 @@ def test_batch_dependent_values_are_unspecialized_runtime_args(monkeypatch, tier
         assert len(options) == 1, f"{name}: constexprs / launch options change with the batch: {options}"
         assert len({repr(sorted((k, v) for k, v in kw.items() if k in SPLIT_KEYS)) for _, kw in r.calls}) <= 2
         names = r.kernel.arg_names
-        free = _not_specialized(r.kernel)
+        free = not_specialized(r.kernel)
         for i in range(len(r.calls[0][0])):
             values = {args[i] for args, _ in r.calls if isinstance(args[i], int)}
             if len(values) > 1:

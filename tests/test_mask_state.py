@@ -1,4 +1,6 @@
 """Decode mask state: refresh schedule, reuse, isolation between requests (no vLLM needed)."""
+from types import SimpleNamespace
+
 import torch
 
 from vllm_hip.mask_state import DecodeMaskState
@@ -17,8 +19,14 @@ def table(*rows):
 
 
 def step(st, bt, lens, reqs=None, prompt_step=None):
+    """One decode step through the CPU path (``plan_into`` on the torch reference): the step's rows, refresh
+    flags and window starts, one per request of ``reqs``."""
     reqs = torch.arange(len(lens)) if reqs is None else torch.tensor(reqs)
-    return st.plan(bt, torch.tensor(lens), reqs, prompt_step)
+    n = reqs.numel()
+    out = {k: torch.zeros(n, dtype=torch.int32) for k in ("req", "start", "length", "pos0", "window_start", "row")}
+    refresh = torch.zeros(n, dtype=torch.bool)
+    st.plan_into(bt, torch.tensor(lens), reqs, prompt_step, torch.arange(len(lens) + 1), out, refresh, triton=False)
+    return SimpleNamespace(row=out["row"], refresh=refresh, window_start=out["window_start"])
 
 
 def test_refresh_every_interval_steps_and_reuse_in_between():

@@ -24,20 +24,9 @@ the block they end in, so a recycled block never hands over another request's ma
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from vllm_hip.kernels.reference import block_at, decode_plan_into_reference, decode_plan_reference
-
-
-@dataclass
-class DecodeMaskPlan:
-    """Per decode request: the mask row to read/write, whether to refresh it, and its window start."""
-
-    row: torch.Tensor  # int32 [Rd]: row of the per-layer mask cache
-    refresh: torch.Tensor  # bool [Rd]: estimate the mask this step
-    window_start: torch.Tensor  # int32 [Rd]: window start used by attention (0 = dense)
+from vllm_hip.kernels.reference import block_at, decode_plan_into_reference
 
 
 class DecodeMaskState:
@@ -78,24 +67,14 @@ class DecodeMaskState:
         mine = self.slot_key[s] == key
         self.slot_key[torch.where(mine, s, torch.full_like(s, self.trash))] = -1
 
-    def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, reqs: torch.Tensor,
-             prompt_step: torch.Tensor | None = None) -> DecodeMaskPlan:
-        """Decide rows and refreshes for decode requests ``reqs`` (indices into the batch) and update state.
-
-        ``prompt_step`` (bool per request of ``reqs``): one-token steps that are still in the prompt (e.g. the
-        last prompt token after a full prefix-cache hit); they never reuse a mask.
-        """
-        row, refresh, ws = decode_plan_reference(
-            self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, block_table, seq_lens, reqs,
-            prompt_step, page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
-            interval=self.interval, dense_below=self.dense_below)
-        return DecodeMaskPlan(row=row, refresh=refresh, window_start=ws)
-
     def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out, *,
                   triton: bool) -> None:
-        """``plan`` plus the decode buffers of the step: ``out`` holds the int32 buffers ``req``, ``start``,
-        ``length``, ``pos0``, ``window_start``, ``row`` (rows past the requests are padding: length 0, no
-        refresh), ``refresh_out`` the bool refresh flags; ``reqs`` and ``prompt_step`` int32. ``triton``: in
+        """Decide mask rows and refreshes for decode requests ``reqs`` (indices into the batch), update the
+        state, and fill the decode buffers of the step: ``out`` holds the int32 buffers ``req``, ``start``,
+        ``length``, ``pos0``, ``window_start`` (0 = dense), ``row`` (row of the per-layer mask cache; rows past
+        the requests are padding: length 0, no refresh), ``refresh_out`` the bool refresh flags. ``prompt_step``
+        (nonzero per request, or None): one-token steps still in the prompt (e.g. the last prompt token after a
+        full prefix-cache hit); they never reuse a mask. ``triton``: in
         one launch of the Triton kernel (CUDA) instead of ~100 small torch ops; the same result
         (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py)."""
         kw = dict(page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
