@@ -33,6 +33,8 @@ def main() -> None:
     ap.add_argument("--hip", default="{}", help="HipConfig JSON (defaults otherwise)")
     ap.add_argument("--stages", default=None, help='staged search as JSON [[chunk_tokens, keep_tokens], ...] '
                     '(default [[256, 16k], [32, 4k]] with k = hip.k)')
+    ap.add_argument("--only", default=None, help="run only these prompts of the grid, as seed:depth,... (the "
+                    "prompts stay those of the full --depths list)")
     ap.add_argument("--ppl-length", type=int, default=0, help="also perplexity on this many tokens of the plays")
     ap.add_argument("--out", default=str(HERE / "results" / "mask_variants.json"))
     a = ap.parse_args()
@@ -48,21 +50,25 @@ def main() -> None:
     cfg = HipConfig.from_dict(json.loads(a.hip))
     model, tok = ql.load_smollm2()
     stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
-    fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle}
+    fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle, "v3_last": None,
+           "oracle_last": mv.mask_oracle, "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window)}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     variants = a.variants.split(",")
+    only = None if a.only is None else {(int(x.split(":")[0]), float(x.split(":")[1])) for x in a.only.split(",")}
     hay = assets.haystack_text()
     rows, ppl = [], {}
     t0 = time.time()
     for L in lengths:
         for s in seeds:
             for depth, key, prompt in ql.passkey_cases(tok, L, depths, seed=s, haystack=hay, offset=3000 * s):
+                if only is not None and (s, depth) not in only:
+                    continue
                 ids = tok.encode(prompt)
                 row = {"length": L, "seed": s, "depth": depth, "key": key, "tokens": len(ids)}
                 for v in variants:
-                    sim = None if v == "dense" else ql.HipSim(cfg, mask_fn=fns[v])
+                    sim = None if v == "dense" else ql.HipSim(cfg, mask_fn=fns[v], last_row_block=v.endswith("_last"))
                     t = time.time()
                     text = tok.decode(ql.greedy(model, ids, max_new=8, sim=sim))
                     row[v] = {"ok": assets.answer_ok(text, key), "text": text, "s": round(time.time() - t, 1)}

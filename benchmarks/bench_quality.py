@@ -306,7 +306,7 @@ def layer_table(caps, cfg, max_blocks, decode_steps, mask_fn=None):
         m = ql.layer_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, max_blocks=max_blocks, mask_fn=mask_fn)
         if decode_steps:
             dm = ql.decode_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, steps=decode_steps)
-            m["dec_rel_l2"], m["dec_mass"] = dm["rel_l2"], dm["mass"]
+            m["dec_rel_l2"], m["dec_mass"], m["dec_recall"] = dm["rel_l2"], dm["mass"], dm["recall_all"]
         per.append(m)
     return per
 
@@ -323,7 +323,7 @@ def cmd_layers(a) -> dict:
     per = layer_table(caps, cfg, a.max_blocks, a.decode_steps if a.mask == "v3" else 0, mask_fn)
     t_m = time.time() - t0
     cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (
-        ["dec_rel_l2", "dec_mass"] if a.decode_steps and a.mask == "v3" else [])
+        ["dec_rel_l2", "dec_mass", "dec_recall"] if a.decode_steps and a.mask == "v3" else [])
     lines = [header(a.cmdline), f"HiP config: {json.dumps(cfg.to_dict())}; selection: {a.mask}",
              f"{a.tokens} tokens of the plays (offset {LAYER_OFFSET}); {a.max_blocks} pruned query blocks per layer "
              f"(evenly spaced); decode: last {a.decode_steps} positions; capture {t_cap:.0f} s, metrics {t_m:.0f} s", "",

@@ -208,14 +208,16 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 @torch.no_grad()
-def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64) -> dict:
+def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: int | None = None) -> dict:
     """Decode with mask reuse, simulated on captured Q/K/V (teacher forcing).
 
     The last ``steps`` positions act as decode queries (one token each). A mask is estimated at the first step
     and wherever the length reaches a multiple of ``cfg.mask_refresh_interval``, from that step's query alone,
     and reused until the next refresh,
     with the window start frozen at the refresh (as ``vllm_hip.mask_state`` does). Returns ``rel_l2`` and
-    ``mass`` of the decode outputs vs dense.
+    ``mass`` of the decode outputs vs dense, and ``recall_all``: per (step, head), the fraction of the ``topk``
+    (default ``cfg.k``) highest-scoring keys that HiP attends (what ``layer_metrics`` measures for prefill
+    query blocks, here for one-token queries with a reused mask).
     """
     cfg = _cfg(cfg)
     T, Hq, D = q.shape
@@ -240,7 +242,8 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64) -> dict:
     o_hip = torch.zeros_like(q)
     hip_attention_reference(q, kc, vc, bt, seq, zero, pos.to(torch.int32), one, pos.to(torch.int32), ws, idx,
                             sink_tokens=cfg.sink_tokens, block_size_k=bk, scale=scale, out=o_hip)
-    err2 = ref2 = mass = 0.0
+    topk = cfg.k if topk is None else topk
+    err2 = ref2 = mass = rec = 0.0
     for j, p in enumerate(pos.tolist()):
         L = p + 1
         qq = q[p].view(Hkv, G, D)
@@ -251,7 +254,9 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64) -> dict:
         ref2 += float((od ** 2).sum())
         allow = allowed_keys(L, int(ws[j]), cfg.sink_tokens, idx[j], bk)
         mass += float((pr * allow[:, None, :]).sum()) / Hq
-    return {"rel_l2": math.sqrt(err2 / max(ref2, 1e-30)), "mass": mass / steps}
+        top = sc.topk(min(topk, L), dim=-1).indices  # [Hkv, G, kk]
+        rec += float(torch.gather(allow[:, None, :].expand(Hkv, G, L), -1, top).float().mean())
+    return {"rel_l2": math.sqrt(err2 / max(ref2, 1e-30)), "mass": mass / steps, "recall_all": rec / steps}
 
 
 def summarize(per_layer: list[dict], skip=()) -> dict:
@@ -272,8 +277,9 @@ class HipSim:
     Use as a context manager around ``model(...)`` calls; ``reset()`` before each new sequence.
     """
 
-    def __init__(self, cfg=None, num_layers: int = 30, mask_fn=None):
+    def __init__(self, cfg=None, num_layers: int = 30, mask_fn=None, last_row_block: bool = False):
         self.cfg = _cfg(cfg)
+        self.last_row_block = last_row_block  # the prompt's last row estimates its own mask (experiment)
         self.mask_fn = mask_fn or hip_mask_reference  # experiments swap in other selections (mask_variants.py)
         self.num_layers = num_layers
         self.state: dict[int, tuple] = {}
@@ -316,6 +322,8 @@ class HipSim:
             qsl = torch.tensor([0, Tq], dtype=torch.int32)
             qb_req, qb_start, qb_len, qb_pos0 = make_query_blocks(qsl, torch.tensor([L], dtype=torch.int32),
                                                                   cfg.block_size_q)
+            if self.last_row_block:
+                qb_req, qb_start, qb_len, qb_pos0 = split_last_row(qb_req, qb_start, qb_len, qb_pos0)
             ws = window_starts(qb_pos0, cfg.sliding_window, bk)
             idx = self.mask_fn(q.float(), kc, bt, qb_req, qb_start, qb_len, ws, n_select=cfg.n_select,
                                      block_size_q=cfg.block_size_q, block_size_k=bk,
@@ -393,3 +401,14 @@ def token_nll(model, input_ids: list[int], sim: HipSim | None = None, chunk: int
 def ppl(nll: torch.Tensor, start: int = 0) -> float:
     """Perplexity of the predictions of tokens ``start+1 ..`` (``nll[i]`` predicts token ``i+1``)."""
     return float(torch.exp(nll[start:].double().mean()))
+
+
+def split_last_row(qb_req, qb_start, qb_len, qb_pos0):
+    """Query blocks with the last row of the batch cut out of its block into a block of its own (one request)."""
+    if int(qb_len[-1]) <= 1:
+        return qb_req, qb_start, qb_len, qb_pos0
+    last = qb_len.clone()
+    last[-1] -= 1
+    one = torch.ones(1, dtype=qb_len.dtype)
+    return (torch.cat([qb_req, qb_req[-1:]]), torch.cat([qb_start, qb_start[-1:] + last[-1:]]),
+            torch.cat([last, one]), torch.cat([qb_pos0, qb_pos0[-1:] + last[-1:]]))

@@ -20,9 +20,9 @@ from .reference import decode_plan_reference  # noqa: F401  (the oracle of decod
 def _decode_plan_kernel(
     bt_ptr, sbt0, W, seq_ptr, req_ptr, prompt_ptr, qsl_ptr, n, rows,
     slot_key_ptr, refresh_len_ptr, ws_state_ptr, slot_of_block_ptr, used_ptr, by_rank_ptr,
-    out_req, out_start, out_len, out_pos0, out_ws, out_row, out_refresh,
+    out_req, out_start, out_len, out_pos0, out_ws, out_row, out_refresh, out_fa_len,
     num_slots, num_blocks, page, window, bk, interval, dense_below,
-    HAS_PROMPT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, DENSE_TO_FA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     r = tl.arange(0, BLOCK_R)
     rv = r < n
@@ -80,7 +80,12 @@ def _decode_plan_kernel(
     pad = (r >= n) & (r < rows)
     tl.store(out_req + r, req.to(tl.int32), mask=rv)
     tl.store(out_start + r, tl.load(qsl_ptr + req, mask=rv, other=0), mask=rv)
-    tl.store(out_len + r, tl.where(rv, (L > 0).to(tl.int32), 0), mask=rv | pad)
+    if DENSE_TO_FA:  # dense rows go to a FlashAttention call (seqused_k = out_fa_len); the HiP kernels skip them
+        to_fa = dense & live
+        tl.store(out_len + r, tl.where(rv, (live & (to_fa == 0)).to(tl.int32), 0), mask=rv | pad)
+        tl.store(out_fa_len + r, tl.where(to_fa, L, 0).to(tl.int32), mask=rv | pad)
+    else:
+        tl.store(out_len + r, tl.where(rv, (L > 0).to(tl.int32), 0), mask=rv | pad)
     tl.store(out_pos0 + r, (L - 1).to(tl.int32), mask=rv)
     tl.store(out_ws + r, ws.to(tl.int32), mask=rv)
     tl.store(out_row + r, slot.to(tl.int32), mask=rv)
@@ -89,11 +94,11 @@ def _decode_plan_kernel(
 
 def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, block_table, seq_lens, reqs,
                 prompt_step, query_start_loc, out: dict, refresh_out, *, page_size: int, window: int,
-                block_size_k: int, interval: int, dense_below: int) -> None:
+                block_size_k: int, interval: int, dense_below: int, dense_to_fa: bool = False) -> None:
     """``decode_plan_reference`` (state updated in place) plus the decode buffers, in one launch. ``reqs`` and
     ``prompt_step`` (or None) int32 on the device; ``scratch`` int32 ``[2, num_slots + 2]``; ``out`` the int32
-    buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row``; ``refresh_out`` bool. No host
-    sync."""
+    buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row`` (and ``fa_len`` with
+    ``dense_to_fa``, see ``decode_plan_into_reference``); ``refresh_out`` bool. No host sync."""
     num_slots, num_blocks = slot_key.numel() - 1, slot_of_block.numel() - 1
     rows = out["req"].shape[0]
     n = reqs.shape[0]
@@ -104,8 +109,9 @@ def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, blo
         prompt_step if prompt_step is not None else reqs, query_start_loc, n, rows,
         slot_key, refresh_len, window_start, slot_of_block, scratch[0], scratch[1],
         out["req"], out["start"], out["length"], out["pos0"], out["window_start"], out["row"],
-        refresh_out.view(torch.int8),
+        refresh_out.view(torch.int8), out["fa_len"] if dense_to_fa else out["length"],
         num_slots, num_blocks, page_size, window, block_size_k, interval, dense_below,
-        HAS_PROMPT=prompt_step is not None, BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(num_slots + 2),
+        HAS_PROMPT=prompt_step is not None, DENSE_TO_FA=bool(dense_to_fa), BLOCK_R=block_r,
+        BLOCK_S=triton.next_power_of_2(num_slots + 2),
         num_warps=min(16, max(4, block_r // 64)),  # max_num_seqs can be 1024: spread the rows over more warps
     )

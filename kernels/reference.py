@@ -391,21 +391,28 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, bl
     return slot.to(torch.int32), refresh & kept, ws.to(torch.int32)
 
 def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, reqs,
-                               prompt_step, query_start_loc, out: dict, refresh_out, **plan_kw) -> None:
+                               prompt_step, query_start_loc, out: dict, refresh_out, *, dense_to_fa: bool = False,
+                               **plan_kw) -> None:
     """What the one-launch kernel (``kernels/decode_plan.py``) writes: ``decode_plan_reference``'s plan plus
     the step's decode buffers. ``out`` holds ``req``, ``start``, ``length``, ``pos0``, ``window_start``,
     ``row`` (int32, one entry per row of the captured batch); rows past the requests are padding: length 0 and
-    no refresh, so a replayed graph does nothing for them. ``prompt_step``: nonzero per request, or None."""
+    no refresh, so a replayed graph does nothing for them. ``prompt_step``: nonzero per request, or None.
+    ``dense_to_fa``: dense rows (at most ``dense_below`` tokens) are left to a FlashAttention call: their
+    ``length`` is 0 (the HiP kernels skip them) and ``out["fa_len"]`` holds their length (0 for every other row,
+    FlashAttention's ``seqused_k``)."""
     n = reqs.numel()
     d = reqs.long()
     row, refresh, ws = decode_plan_reference(
         slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, d,
         None if prompt_step is None else prompt_step.bool(), **plan_kw)
     L = seq_lens[d]
-    for name, val in (("req", d), ("start", query_start_loc[d]), ("length", L > 0), ("pos0", L - 1),
+    to_fa = (L > 0) & (L <= plan_kw["dense_below"]) if dense_to_fa else torch.zeros_like(L, dtype=torch.bool)
+    for name, val in (("req", d), ("start", query_start_loc[d]), ("length", (L > 0) & ~to_fa), ("pos0", L - 1),
                       ("window_start", ws), ("row", row)):
         out[name][:n].copy_(val)
     refresh_out[:n].copy_(refresh)
     out["length"][n:].zero_()
     refresh_out[n:].zero_()
-
+    if dense_to_fa:
+        out["fa_len"][:n].copy_(torch.where(to_fa, L, torch.zeros_like(L)))
+        out["fa_len"][n:].zero_()

@@ -33,9 +33,11 @@ def _state(slots, blocks):
             torch.full((blocks + 1,), slots, dtype=torch.int64, device=DEV)]
 
 
-@pytest.mark.parametrize("seed,interval,dense_below,rows",
-                         [(0, 4, 0, 8), (1, 8, 40, 8), (2, 1, 0, 5), (3, 3, 70, 16), (4, 8, 0, 300)])
-def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows):
+@pytest.mark.parametrize("seed,interval,dense_below,rows,to_fa",
+                         [(0, 4, 0, 8, False), (1, 8, 40, 8, False), (2, 1, 0, 5, False), (3, 3, 70, 16, False),
+                          (4, 8, 0, 300, False), (5, 4, 60, 8, True), (6, 8, 100, 16, True)])
+def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows, to_fa):
+    """``to_fa``: dense rows are handed to FlashAttention (length 0 here, their length in ``fa_len``)."""
     g = torch.Generator().manual_seed(seed)
     slots, blocks, width = rows, max(96, 4 * rows), 12
     ref, tri, ref2 = _state(slots, blocks), _state(slots, blocks), _state(slots, blocks)
@@ -71,9 +73,9 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
 
         want = decode_plan_reference(*ref, bt, seq, reqs.long(), prompt.bool(), **kw)
         out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV)
-               for k in ("req", "start", "length", "pos0", "window_start", "row")}
+               for k in ("req", "start", "length", "pos0", "window_start", "row", "fa_len")}
         refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
-        decode_plan(*tri, scratch, bt, seq, reqs, prompt, qsl, out, refresh, **kw)
+        decode_plan(*tri, scratch, bt, seq, reqs, prompt, qsl, out, refresh, dense_to_fa=to_fa, **kw)
 
         got = (out["row"][:R], refresh[:R], out["window_start"][:R])
         for w, x, name in zip(want, got, ("row", "refresh", "window_start")):
@@ -81,15 +83,22 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         L = seq[reqs.long()].long()
         assert torch.equal(out["req"][:R].cpu(), reqs.cpu())
         assert torch.equal(out["start"][:R].cpu(), qsl[reqs.long()].cpu())
-        assert torch.equal(out["length"][:R].cpu(), (L > 0).to(torch.int32).cpu())
+        to_fa_rows = (L > 0) & (L <= dense_below) if to_fa else torch.zeros_like(L, dtype=torch.bool)
+        assert torch.equal(out["length"][:R].cpu(), ((L > 0) & ~to_fa_rows).to(torch.int32).cpu())
+        if to_fa:
+            assert torch.equal(out["fa_len"][:R].cpu(), torch.where(to_fa_rows, L, 0).to(torch.int32).cpu())
+            assert (out["fa_len"][R:] == 0).all(), "padding rows: no keys for FlashAttention"
+        else:
+            assert (out["fa_len"] == -7).all(), "fa_len is written only with dense_to_fa"
         assert torch.equal(out["pos0"][:R].cpu(), (L - 1).to(torch.int32).cpu())
         assert (out["length"][R:] == 0).all() and not refresh[R:].any(), "padding rows must stay inert"
         # the whole output of the torch path the CPU backend takes (kernels.reference.decode_plan_into_reference)
         ref_out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV) for k in out}
         ref_refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
-        decode_plan_into_reference(*ref2, bt, seq, reqs, prompt, qsl, ref_out, ref_refresh, **kw)
+        decode_plan_into_reference(*ref2, bt, seq, reqs, prompt, qsl, ref_out, ref_refresh, dense_to_fa=to_fa, **kw)
         for k in out:
             assert torch.equal(ref_out[k][:R].cpu(), out[k][:R].cpu()), f"step {step}: buffer {k}"
+        assert torch.equal(ref_out["fa_len"].cpu(), out["fa_len"].cpu())
         assert torch.equal(ref_refresh.cpu(), refresh.cpu()) and torch.equal(ref_out["length"][R:], out["length"][R:])
         for a, b, name in zip(ref[:3], tri[:3], ("slot_key", "refresh_len", "window_start")):
             assert torch.equal(a[:slots].cpu(), b[:slots].cpu()), f"step {step}: state {name} differs"

@@ -19,27 +19,9 @@ else:
 pytest.importorskip("triton")
 pytest.importorskip("vllm")
 
+from flash_attn_ref import reference_fa  # noqa: E402
+
 from vllm_hip import compat, ops  # noqa: E402
-
-
-def reference_fa(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
-                 block_table, fa_version, *, use_max_len=False, ignore_table=False):
-    """FlashAttention's varlen paged contract in plain torch (causal aligned to the end of each request)."""
-    assert causal
-    hkv, d = k.shape[2], k.shape[3]
-    for r in range(cu_seqlens_q.numel() - 1):
-        q0, q1 = int(cu_seqlens_q[r]), int(cu_seqlens_q[r + 1])
-        n = q1 - q0
-        L = min(int(max_seqlen_k), block_table.shape[1] * k.shape[1]) if use_max_len else int(seqused_k[r])
-        pages = torch.arange(block_table.shape[1]) if ignore_table else block_table[r].long()
-        keys = k[pages].reshape(-1, hkv, d)[:L].float()
-        vals = v[pages].reshape(-1, hkv, d)[:L].float()
-        g = q.shape[1] // hkv
-        keys, vals = keys.repeat_interleave(g, 1), vals.repeat_interleave(g, 1)
-        s = torch.einsum("nhd,lhd->hnl", q[q0:q1].float(), keys) * softmax_scale
-        pos = torch.arange(n)[:, None] + (L - n)
-        s = s.masked_fill(torch.arange(L)[None, :] > pos, float("-inf"))
-        out[q0:q1] = torch.einsum("hnl,lhd->nhd", s.softmax(-1), vals).to(out.dtype)
 
 
 def _check(monkeypatch, fa):

@@ -57,6 +57,13 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         "hip_graphs": _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, enable_prefix_caching=False,
                             **graphs),
     }
+    # Decode rows at or below hip.dense_below_seq_len go to FlashAttention inside HiP layers (prompts of ~40 and
+    # ~350 tokens; the ~900 and ~1500 token ones prune), eager and replayed from full decode graphs.
+    rows = dict(dtype="bfloat16", max_num_batched_tokens=256, enable_prefix_caching=False)
+    rows_hip = dict(HIP_ACTIVE, dense_below_seq_len=600)
+    jobs["hip_dense_rows_eager"] = _spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40, enforce_eager=True,
+                                         **rows)
+    jobs["hip_dense_rows_graphs"] = _spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40, **graphs, **rows)
     for runner, env in (("model-runner-v2", "1"), ("model-runner-v1", "0")):
         jobs[f"hip_exact_{runner}"] = (_spec(tiny_model, "HIP", dict(HIP_ACTIVE, k=4096), prompts, **chunked),
                                        {"VLLM_USE_V2_MODEL_RUNNER": env})
@@ -147,6 +154,13 @@ def test_dense_prefill_through_flash_attn_bf16(results, case):
 
 def test_cuda_graph_decode_equals_eager(results):
     assert _tokens(results, "hip_graphs") == _tokens(results, "hip_eager")
+
+
+def test_short_decode_rows_through_flash_attn_graphs_equal_eager(results):
+    """HiP layers hand decode rows at or below hip.dense_below_seq_len to FlashAttention (seqused_k from the
+    decode plan, a persistent buffer) and skip them in the HiP kernels: a replayed full decode graph, with short
+    and long requests in one batch, gives the eager tokens. (CPU: tests/test_vllm_backend.py, FA stand-in.)"""
+    assert _tokens(results, "hip_dense_rows_graphs") == _tokens(results, "hip_dense_rows_eager")
 
 
 def test_smollm2_passkey_hip_answers_as_dense(results, smollm2):

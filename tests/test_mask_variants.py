@@ -1,9 +1,10 @@
 """benchmarks/mask_variants.py (selection variants for quality experiments): the oracle really is the exact
-block top-n, and the staged search reduces to it when its stages keep everything."""
+block top-n, the staged search reduces to it when its stages keep everything, and the normalised score lets a quiet
+head's needle through where the raw score lets a loud head of the same KV group take every slot."""
 import torch
 
 from kernels.reference import hip_mask_reference, make_query_blocks, window_starts
-from mask_variants import mask_oracle, mask_staged
+from mask_variants import mask_oracle, mask_oracle_norm, mask_staged
 
 KW = dict(n_select=8, block_size_q=32, block_size_k=4, sink_tokens=8, query_stride=1)
 
@@ -42,3 +43,26 @@ def test_few_candidates_select_all_like_the_reference():
     got = mask_oracle(q, k, bt, *qb[:3], ws, **KW)
     for r, g_ in zip(ref, got):
         assert set(r.flatten().tolist()) - {-1} == set(g_.flatten().tolist()) - {-1}
+
+
+def test_normalised_score_keeps_a_quiet_heads_needle():
+    """Two query heads share a KV head: head 0 is loud (logits ~10x larger everywhere), head 1 has one key block
+    far above everything it attends. The raw-score oracle gives every slot to head 0's noise; the normalised
+    score (each head's logits minus its best over sink and window) selects head 1's needle."""
+    g = torch.Generator().manual_seed(3)
+    L, D = 1024, 16
+    a, b = torch.zeros(D), torch.zeros(D)
+    a[0], b[1] = 1.0, 1.0  # orthogonal: the loud head does not see the needle
+    q = torch.zeros(L, 2, D)
+    q[:, 0] = 10 * a
+    q[:, 1] = b
+    k = torch.randn(1, L, 1, D, generator=g)
+    needle = 120  # key block of 4 tokens, far outside the window
+    k[0, needle * 4: needle * 4 + 4, 0] = 12 * b
+    qb = make_query_blocks(torch.tensor([0, L]), torch.tensor([L]), KW["block_size_q"])
+    ws = window_starts(qb[3], 64, KW["block_size_k"])
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    raw = mask_oracle(q, k, bt, *qb[:3], ws, **KW)[-1, 0].tolist()
+    norm = mask_oracle_norm(q, k, bt, *qb[:3], ws, window=64, **KW)[-1, 0].tolist()
+    assert needle not in raw
+    assert needle in norm

@@ -156,3 +156,16 @@ def test_decode_batches_without_full_cuda_graph_are_named():
                                 6) is None
     assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.PIECEWISE, default, 6)) is None
     assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 6, eager=True)) is None
+
+
+def test_short_decode_rows_go_to_flash_attention(tiny_model, prompts):
+    """hip.dense_below_seq_len with FlashAttention present (a torch stand-in on CPU): in HiP layers, decode rows at
+    or below the threshold are served by one FlashAttention call per layer and skipped by the HiP kernels, while
+    the longer request of the same batch goes through HiP. Same tokens as the Triton kernels serving every row."""
+    hip = dict(HIP_ACTIVE, dense_below_seq_len=600)  # prompts of ~40 and ~350 tokens dense, ~900 through HiP
+    spec = _spec(tiny_model, "HIP", hip, prompts[:3], max_num_batched_tokens=128)
+    spec.update(max_tokens=8, force_triton=True)
+    want = run_vllm(spec)["tokens"]
+    got = run_vllm(dict(spec, fake_flash_attn=True))
+    assert got["fa_decode_calls"] > 0 and got["fa_decode_rows"] > 0
+    assert got["tokens"] == want

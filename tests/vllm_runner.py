@@ -9,6 +9,9 @@ kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
 * ``staggered``: prompt i joins the running engine after ``join_after[i]`` engine steps, so prefills of
   new requests share steps with decodes of running ones (mixed batches, requests joining and leaving).
 ``force_triton``: run HIP's Triton kernels (the CUDA path) on CPU under the Triton interpreter.
+``fake_flash_attn`` (with ``force_triton``): a torch stand-in for vLLM's FlashAttention (tests/flash_attn_ref.py),
+accepting fp32, so the backend's FlashAttention paths run on CPU; the result counts its decode-shaped calls and
+the rows they served (``fa_decode_calls``, ``fa_decode_rows``).
 ``kernel_keys`` (with ``force_triton``): record every kernel launch's compile key (tests/kernel_keys.py) and
 report, as ``new_kernel_variants``, launches after start-up that would compile a new kernel on a GPU.
 """
@@ -26,6 +29,22 @@ def run(spec: dict) -> dict:
         import vllm_hip.ops as ops
 
         ops._use_triton = lambda t: True
+    fa_counts = {"fa_decode_calls": 0, "fa_decode_rows": 0}
+    if spec.get("fake_flash_attn"):
+        import torch
+        from flash_attn_ref import reference_fa
+
+        import vllm_hip.backend as backend
+        from vllm_hip import compat
+
+        def fake_fa(**kw):
+            if kw["max_seqlen_q"] == 1:
+                fa_counts["fa_decode_calls"] += 1
+                fa_counts["fa_decode_rows"] += int((kw["seqused_k"] > 0).sum())
+            reference_fa(**kw)
+
+        compat.flash_attn_varlen = lambda: (fake_fa, 3)
+        backend.FLASH_ATTN_DTYPES = (torch.float32,)
     keys: list = []
     if spec.get("kernel_keys"):
         import kernel_keys
@@ -46,6 +65,7 @@ def run(spec: dict) -> dict:
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
+    fa_counts.update(fa_decode_calls=0, fa_decode_rows=0)  # serving only (the start-up check calls it too)
     startup_launches = len(keys)
     sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
     t0 = time.time()
@@ -68,6 +88,8 @@ def run(spec: dict) -> dict:
             step += 1
         tokens = [done[str(i)] for i in range(len(spec["prompts"]))]
     result = {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
+    if spec.get("fake_flash_attn"):
+        result.update(fa_counts)
     if spec.get("kernel_keys"):
         import kernel_keys
 

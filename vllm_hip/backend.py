@@ -30,6 +30,8 @@ from vllm_hip.mask_state import DecodeMaskState
 logger = compat.init_logger(__name__)
 
 SUPPORTED_HEAD_SIZES = [32, 64, 128, 256]
+# Dtypes vLLM's FlashAttention takes (it is tried only where the Triton kernels run, i.e. on CUDA).
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class HipAttentionBackend(AttentionBackend):
@@ -100,6 +102,9 @@ class QueryBlocks:
     # Decode only: per-request mask-cache row and refresh flag.
     mask_row: torch.Tensor | None = None
     refresh: torch.Tensor | None = None
+    # Decode only: the rows at or below hip.dense_below_seq_len as one FlashAttention call for the HiP layers
+    # (their ``length`` is 0, so the HiP kernels skip them); None where the HiP kernels serve them densely.
+    dense_rows: "DensePrefill | None" = None
 
     @property
     def count(self) -> int:
@@ -167,7 +172,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # Decode metadata lives in persistent buffers, so a captured decode graph reads this step's values.
         i32 = dict(dtype=torch.int32, device=device)
         self._dec = {name: torch.zeros(max_seqs, **i32)
-                     for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row")}
+                     for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row", "fa_len")}
         self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
         self._dec_cu = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)  # one query token per request
         self._max_model_len = vllm_config.model_config.max_model_len
@@ -178,7 +183,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # it runs near the roofline, our Triton kernel at a quarter of it.
         self._fa_ok = False
         dtype = vllm_config.model_config.dtype
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if ops.on_triton(self.no_indices) and dtype in FLASH_ATTN_DTYPES:
             try:
                 why_not = ops.flash_attn_check(device, dtype, kv_cache_spec.head_size, self.num_kv_heads,
                                                self.page_size)
@@ -186,10 +191,13 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                 why_not = f"check failed: {e!r}"[:300]
             self._fa_ok = why_not is None
             if why_not:  # same (dense) result, from the slower Triton kernel: say so
-                logger.warning("HIP: dense prefill stays on the Triton kernel: %s", why_not)
+                logger.warning("HIP: dense attention stays on the Triton kernel: %s", why_not)
             else:
-                logger.info("HIP: dense prefill (hip.dense_layers, requests below hip.dense_below_seq_len) runs on "
-                            "vLLM's FlashAttention")
+                logger.info("HIP: dense attention (hip.dense_layers; requests at or below hip.dense_below_seq_len, "
+                            "prefill and decode) runs on vLLM's FlashAttention")
+        # Decode rows at or below hip.dense_below_seq_len in HiP layers: FlashAttention too (one more launch per
+        # layer and step; the HiP kernels skip those rows). Offloaded layers have host pages FA cannot address.
+        self._dense_rows_fa = self._fa_ok and self.cfg.dense_below_seq_len > 0 and not self.cfg.offload.enabled
         if ops.on_triton(self.no_indices):  # compile the HiP kernels now, not in the first long request's steps
             t0 = time.perf_counter()
             try:
@@ -199,7 +207,8 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                                     head_size=kv_cache_spec.head_size, page_size=self.page_size,
                                     block_table_width=width, cfg=self.cfg, host_tier=self.cfg.offload.enabled)
                 for prompt in (True, False):
-                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True)
+                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True,
+                                                dense_to_fa=self._dense_rows_fa)
                 logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)
             except Exception as e:  # only a warm-up: the kernels then compile at their first use
                 logger.warning("HIP: kernel warm-up failed (%r); kernels will compile at first use", e)
@@ -387,13 +396,18 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             d32 = self._h2d(dec_reqs)
             prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
         b = self._dec
+        # Dense rows to FlashAttention needs the decode rows first (the reorder asked for in __init__).
+        to_fa = self._dense_rows_fa and int(dec_reqs[-1]) == n - 1
         # on CUDA one launch instead of ~100 small ops; rows past n (padding of a captured batch) stay inert
         self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b, self._dec_refresh,
-                                    triton=ops.on_triton(seq_lens))
+                                    triton=ops.on_triton(seq_lens), dense_to_fa=to_fa)
+        dense_rows = DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1],
+                                  seqused_k=b["fa_len"][:n], block_table=cm.block_table_tensor[:n], max_seqlen_q=1,
+                                  max_seqlen_k=self._max_model_len, all_layers=False) if to_fa else None
         return QueryBlocks(
             req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
-            mask_row=b["row"][:n], refresh=self._dec_refresh[:n],
+            mask_row=b["row"][:n], refresh=self._dec_refresh[:n], dense_rows=dense_rows,
         )
 
     def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, seq_lens_host) -> QueryBlocks:
@@ -518,6 +532,12 @@ class HipAttentionImpl(AttentionImpl):
                 ops.attention(*args, qb.window_start, idx, **common)
                 selected = idx
             else:  # decode: refresh the cached masks that are due, reuse the rest
+                if qb.dense_rows is not None:  # rows at or below hip.dense_below_seq_len; the HiP kernels skip them
+                    ops.flash_prefill(q, k_cache, v_cache, qb.dense_rows, scale=self.scale, out=out)
+                    if cfg.record_stats:
+                        fa_len = qb.dense_rows.seqused_k
+                        stats.record(self.layer_index or 0, phase, (fa_len > 0).to(torch.int32), fa_len - 1,
+                                     qb.dense_window_start, None, cfg.sink_tokens, cfg.block_size_k)
                 cache = md.mask_caches[layer.layer_name]
                 ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)

@@ -60,7 +60,8 @@ class HipConfig:
     dense_layers: tuple[int, ...] = (0, 1, 2)
     """Layer indices that keep dense attention (the paper keeps the first 3 dense)."""
     dense_below_seq_len: int = 0
-    """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes."""
+    """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes.
+    On CUDA (fp16/bf16) vLLM's FlashAttention serves them, prefill and decode, unless KV offload is on."""
     mask_refresh_interval: int = 8
     """A request re-estimates its decode mask at its first decode step and whenever its length reaches a
     multiple of this (1 = every step): at most this many steps share one mask, and requests of different lengths

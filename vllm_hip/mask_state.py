@@ -20,7 +20,8 @@ found through its previous block (also private: it was the request's own last bl
 Refreshes therefore happen at positions that depend only on the request itself, never on which other
 requests share the batch. Prefill steps (and any step of a request still in its prompt) drop the slot of
 the block they end in, so a recycled block never hands over another request's mask. Requests at or below
-``dense_below_seq_len`` tokens attend densely and skip the mask.
+``dense_below_seq_len`` tokens attend densely and skip the mask; where vLLM's FlashAttention serves, their rows
+are handed to it (``dense_to_fa``) and the HiP kernels skip them.
 """
 from __future__ import annotations
 
@@ -68,17 +69,18 @@ class DecodeMaskState:
         self.slot_key[torch.where(mine, s, torch.full_like(s, self.trash))] = -1
 
     def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out, *,
-                  triton: bool) -> None:
+                  triton: bool, dense_to_fa: bool = False) -> None:
         """Decide mask rows and refreshes for decode requests ``reqs`` (indices into the batch), update the
         state, and fill the decode buffers of the step: ``out`` holds the int32 buffers ``req``, ``start``,
         ``length``, ``pos0``, ``window_start`` (0 = dense), ``row`` (row of the per-layer mask cache; rows past
         the requests are padding: length 0, no refresh), ``refresh_out`` the bool refresh flags. ``prompt_step``
         (nonzero per request, or None): one-token steps still in the prompt (e.g. the last prompt token after a
-        full prefix-cache hit); they never reuse a mask. ``triton``: in
+        full prefix-cache hit); they never reuse a mask. ``dense_to_fa``: dense rows get length 0 and their
+        length in ``out["fa_len"]`` (a FlashAttention call serves them). ``triton``: in
         one launch of the Triton kernel (CUDA) instead of ~100 small torch ops; the same result
         (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py)."""
         kw = dict(page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
-                  interval=self.interval, dense_below=self.dense_below)
+                  interval=self.interval, dense_below=self.dense_below, dense_to_fa=dense_to_fa)
         state = (self.slot_key, self.refresh_len, self.window_start, self.slot_of_block)
         if not triton:
             decode_plan_into_reference(*state, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
