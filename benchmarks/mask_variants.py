@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import strided_query_rows
+from kernels.reference import hip_mask_reference, strided_query_rows
 
 NEG_INF = float("-inf")
 
@@ -151,3 +151,28 @@ def mask_oracle_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_s
         s = s.amax(dim=(0, 2)).view(Hkv, count, bk).amax(-1)  # [Hkv, count]
         _finish(out, b, begin, torch.topk(s, min(n_select, count), dim=-1).indices, n_select)
     return out
+
+
+def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
+                 block_size_k, sink_tokens, query_stride=1, window=1024):
+    """Our hierarchical search (``hip_mask_reference``) on the normalised score of ``mask_oracle_norm``. The
+    per-(row, head) offset rides in one extra dimension: ``[q, -m] . [k, 1] = q.k - m``, so the reference runs
+    unchanged."""
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    page = k_cache.shape[1]
+    total = block_table.shape[1] * page
+    m = torch.zeros(q.shape[0], Hq)
+    for b in range(qb_req.shape[0]):
+        ws, s, ln = int(window_start[b]), int(qb_start[b]), int(qb_len[b])
+        ref_pos = torch.cat([torch.arange(min(sink_tokens, ws)), torch.arange(ws, min(ws + window, total))])
+        bt = block_table[int(qb_req[b])].long()
+        keys = k_cache[bt[ref_pos // page], ref_pos % page].float()  # [P, Hkv, D]
+        qq = q[s: s + ln].float().view(ln, Hkv, G, D)
+        m[s: s + ln] = torch.einsum("nhgd,phd->nhgp", qq, keys).amax(-1).reshape(ln, Hq)
+    q_aug = torch.cat([q.float(), -m[..., None]], -1)
+    k_aug = torch.cat([k_cache.float(), torch.ones(*k_cache.shape[:-1], 1)], -1)
+    return hip_mask_reference(q_aug, k_aug, block_table, qb_req, qb_start, qb_len, window_start, n_select=n_select,
+                              block_size_q=block_size_q, block_size_k=block_size_k, sink_tokens=sink_tokens,
+                              query_stride=query_stride)

@@ -7,7 +7,7 @@ dense attention and HiP selection variants (SmolLM2-135M in transformers, CPU; H
 
 Prompts are ``seed:depth`` of the 8,000-token grid of ``bench_quality.py vllm`` (depths 0, .25, .5, .75, 1; the
 same keys and haystack offsets). Variants are ``name=mask[:HipConfig JSON]`` with mask one of dense, v3 (the
-backend's), oracle, oracle_norm (``mask_variants.py``). Prints one JSON line per prompt and variant: for each of
+backend's), oracle, oracle_norm, v3_norm (``mask_variants.py``). Prints one JSON line per prompt and variant: for each of
 the first 3 answer tokens, its log-probability and the top 3 tokens.
 """
 import json
@@ -44,7 +44,8 @@ def main() -> None:
         for name, (mask, hip) in variants.items():
             cfg = HipConfig.from_dict(hip)
             fn = {"v3": None, "oracle": mv.mask_oracle,
-                  "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window)}
+                  "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window),
+                  "v3_norm": partial(mv.mask_v3_norm, window=cfg.sliding_window)}
             sim = None if mask == "dense" else ql.HipSim(cfg, mask_fn=fn[mask])
             cache, ids, steps = DynamicCache(), torch.tensor([tok.encode(prompt)]), []
             with sim if sim is not None else ql._Null():

@@ -4,7 +4,7 @@ head's needle through where the raw score lets a loud head of the same KV group 
 import torch
 
 from kernels.reference import hip_mask_reference, make_query_blocks, window_starts
-from mask_variants import mask_oracle, mask_oracle_norm, mask_staged
+from mask_variants import mask_oracle, mask_oracle_norm, mask_staged, mask_v3_norm
 
 KW = dict(n_select=8, block_size_q=32, block_size_k=4, sink_tokens=8, query_stride=1)
 
@@ -66,3 +66,25 @@ def test_normalised_score_keeps_a_quiet_heads_needle():
     norm = mask_oracle_norm(q, k, bt, *qb[:3], ws, window=64, **KW)[-1, 0].tolist()
     assert needle not in raw
     assert needle in norm
+
+
+def test_v3_norm_is_v3_where_the_offset_cannot_reorder():
+    """One query row per block and one query head per KV head: the offset is a constant per (block, head), so the
+    normalised hierarchical search must pick exactly what the reference picks (the augmented dimension is wired
+    right); with a shared KV head (GQA) it may differ."""
+    g = torch.Generator().manual_seed(5)
+    L, D = 900, 16
+    k = torch.randn(1, L, 2, D, generator=g)
+    rows = torch.tensor([300, 611, 899], dtype=torch.int32)
+    one = torch.ones(3, dtype=torch.int32)
+    ws = window_starts(rows, 64, KW["block_size_k"])
+    bt = torch.zeros(1, 1, dtype=torch.int32)
+    q = torch.randn(L, 2, D, generator=g)
+    args = (bt, torch.zeros(3, dtype=torch.int32), rows, one, ws)
+    assert torch.equal(mask_v3_norm(q, k, *args, window=64, **KW), hip_mask_reference(q, k, *args, **KW))
+    # a loud and a quiet head sharing a KV head: the offset must change the choice (it is not silently dropped)
+    q2 = torch.zeros(L, 2, D)
+    q2[:, 0, 0], q2[:, 1, 1] = 10.0, 1.0
+    k2 = torch.randn(1, L, 1, D, generator=g)
+    args2 = (bt, torch.zeros(3, dtype=torch.int32), rows, one, ws)
+    assert not torch.equal(mask_v3_norm(q2, k2, *args2, window=64, **KW), hip_mask_reference(q2, k2, *args2, **KW))
