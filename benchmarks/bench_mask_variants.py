@@ -4,7 +4,9 @@ simulated by ``quality_lib.HipSim`` with the mask function swapped (``mask_varia
 * ``dense``: no HiP;
 * ``v3``: our algorithm (``kernels/reference.py``, what the backend runs);
 * ``staged``: InfiniteHiP-style staged search (chunks of 256 tokens keep 16k tokens, chunks of 32 keep 4k);
-* ``oracle``: the exact top-n blocks under HiP's block score (the ceiling of any selection with this budget).
+* ``oracle``: the exact top-n blocks under HiP's block score (the ceiling of any selection with this budget);
+* ``oracle_norm``: the same under a per-head normalised score; ``v3_last``: v3 with the prompt's last row in a
+  query block of its own.
 
     python benchmarks/bench_mask_variants.py --lengths 8000 --depths 0.25,0.75,1.0 --seeds 0,1
 
@@ -51,7 +53,7 @@ def main() -> None:
     model, tok = ql.load_smollm2()
     stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
     fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle, "v3_last": None,
-           "oracle_last": mv.mask_oracle, "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window)}
+           "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window)}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]

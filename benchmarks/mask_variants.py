@@ -116,48 +116,10 @@ def mask_staged(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
     return out
 
 
-def mask_oracle_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-                     block_size_k, sink_tokens, query_stride=1, window=1024):
-    """Exact top-n key blocks under a per-head *normalised* score: each scored (query, head) logit minus that
-    head's best logit over the keys it always attends (sink and the ``window`` keys from the window start, capped
-    at the cache's end), so a head whose best candidates sit far below what it already attends does not crowd
-    out a head that needs one. An experiment on the score, not a product kernel (one page holds the sequence)."""
-    bk = block_size_k
-    Hq, D = q.shape[1], q.shape[2]
-    Hkv = k_cache.shape[2]
-    G = Hq // Hkv
-    page = k_cache.shape[1]
-    rows, rvalid = strided_query_rows(qb_start, qb_len, block_size_q, query_stride)
-    QB = qb_req.shape[0]
-    out = torch.full((QB, Hkv, n_select), -1, dtype=torch.int32)
-    total = block_table.shape[1] * page
-    for b in range(QB):
-        begin, end = sink_tokens // bk, int(window_start[b]) // bk
-        count = max(0, end - begin)
-        if count == 0:
-            continue
-        bt = block_table[int(qb_req[b])].long()
-
-        def keys(pos):
-            return k_cache[bt[pos // page], pos % page].float()  # [P, Hkv, D]
-
-        ws = int(window_start[b])
-        ref_pos = torch.cat([torch.arange(min(sink_tokens, ws)), torch.arange(ws, min(ws + window, total))])
-        r = rows[b][rvalid[b]]
-        qs = q[r].float().view(-1, Hkv, G, D)
-        m = torch.einsum("nhgd,phd->nhgp", qs, keys(ref_pos)).amax(-1)  # [NQ, Hkv, G]
-        cand = torch.arange(begin * bk, end * bk)
-        s = torch.einsum("nhgd,phd->nhgp", qs, keys(cand)) - m[..., None]
-        s = s.amax(dim=(0, 2)).view(Hkv, count, bk).amax(-1)  # [Hkv, count]
-        _finish(out, b, begin, torch.topk(s, min(n_select, count), dim=-1).indices, n_select)
-    return out
-
-
-def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-                 block_size_k, sink_tokens, query_stride=1, window=1024):
-    """Our hierarchical search (``hip_mask_reference``) on the normalised score of ``mask_oracle_norm``. The
-    per-(row, head) offset rides in one extra dimension: ``[q, -m] . [k, 1] = q.k - m``, so the reference runs
-    unchanged."""
+def _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, sink_tokens, window):
+    """``(q', k')`` with ``q'.k' = q.k - m``: ``m`` per (query row, head) is that head's best logit over the keys
+    its block always attends (sink, and the ``window`` keys from the window start, capped at the cache's end).
+    The offset rides in one extra dimension, ``[q, -m] . [k, 1]``, so any selection runs on it unchanged."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k_cache.shape[2]
     G = Hq // Hkv
@@ -173,6 +135,20 @@ def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start
         m[s: s + ln] = torch.einsum("nhgd,phd->nhgp", qq, keys).amax(-1).reshape(ln, Hq)
     q_aug = torch.cat([q.float(), -m[..., None]], -1)
     k_aug = torch.cat([k_cache.float(), torch.ones(*k_cache.shape[:-1], 1)], -1)
-    return hip_mask_reference(q_aug, k_aug, block_table, qb_req, qb_start, qb_len, window_start, n_select=n_select,
-                              block_size_q=block_size_q, block_size_k=block_size_k, sink_tokens=sink_tokens,
-                              query_stride=query_stride)
+    return q_aug, k_aug
+
+
+def mask_oracle_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, window=1024, **kw):
+    """Exact top-n key blocks under a per-head *normalised* score (``_normalised``), so a head whose best
+    candidates sit far below what it already attends does not crowd out a head of its KV group that needs one.
+    An experiment on the score, not a product kernel."""
+    q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
+                         sink_tokens=kw["sink_tokens"], window=window)
+    return mask_oracle(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)
+
+
+def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, window=1024, **kw):
+    """Our hierarchical search (``hip_mask_reference``) on the normalised score of ``mask_oracle_norm``."""
+    q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
+                         sink_tokens=kw["sink_tokens"], window=window)
+    return hip_mask_reference(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)

@@ -278,8 +278,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             prefill = self._prefill_blocks(qsl_cpu, q_lens, pf_reqs, seq_lens, compat.seq_lens_host(cm))
             state.invalidate(block_table, seq_lens, self._h2d(pf_reqs))
             dense_prefill = self._dense_prefill(cm, qsl_cpu, q_lens, pf_reqs) if self._fa_ok else None
-        decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table) if dec_reqs.numel() else None
-        dense_decode = self._dense_decode(cm, dec_reqs) if decode is not None and self._fa_ok else None
+        n_dec = dec_reqs.numel()
+        # FlashAttention takes decode rows only as one run at the front of the batch (the reorder asked for in
+        # __init__); otherwise the Triton path serves them all.
+        dec_fa = self._fa_ok and n_dec > 0 and int(dec_reqs[-1]) == n_dec - 1
+        decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table, dec_fa) if n_dec else None
+        dense_decode = self._decode_rows_fa(cm, n_dec, cm.seq_lens[:n_dec]) if dec_fa else None
         if self._mask_caches is None:
             hip_layers = [name for name in self.layer_names if not self._is_dense_layer(name)]
             # One tensor for all layers, so offload reads every layer's selection in one gather. Rows padded to a
@@ -375,17 +379,15 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             all_layers=bool(below) and int(seq_host.max()) <= below and not self.cfg.offload.enabled,
         )
 
-    def _dense_decode(self, cm, dec_reqs) -> DensePrefill | None:
-        """Decode rows of the dense layers as one FlashAttention call (one query token per request). Persistent
-        tensors and a static ``max_seqlen_k`` only, so a captured decode graph replays it with this step's values."""
-        n = dec_reqs.numel()
-        if int(dec_reqs[-1]) != n - 1:  # decode rows not first (no reorder): the Triton path serves them
-            return None
-        return DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1],
-                            seqused_k=cm.seq_lens[:n], block_table=cm.block_table_tensor[:n], max_seqlen_q=1,
-                            max_seqlen_k=self._max_model_len, all_layers=False)
+    def _decode_rows_fa(self, cm, n: int, seqused_k: torch.Tensor) -> DensePrefill:
+        """The step's ``n`` decode rows as one FlashAttention call (one query token per request), each reading
+        ``seqused_k`` keys (0: none). Persistent tensors and a static ``max_seqlen_k`` only, so a captured decode
+        graph replays it with this step's values."""
+        return DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1], seqused_k=seqused_k,
+                            block_table=cm.block_table_tensor[:n], max_seqlen_q=1, max_seqlen_k=self._max_model_len,
+                            all_layers=False)
 
-    def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table) -> QueryBlocks:
+    def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table, rows_fa: bool) -> QueryBlocks:
         n = dec_reqs.numel()
         if n > self._dec["req"].shape[0]:
             raise RuntimeError(f"{n} decode requests exceed max_num_seqs={self._dec['req'].shape[0]}")
@@ -396,14 +398,11 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             d32 = self._h2d(dec_reqs)
             prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
         b = self._dec
-        # Dense rows to FlashAttention needs the decode rows first (the reorder asked for in __init__).
-        to_fa = self._dense_rows_fa and int(dec_reqs[-1]) == n - 1
+        to_fa = self._dense_rows_fa and rows_fa
         # on CUDA one launch instead of ~100 small ops; rows past n (padding of a captured batch) stay inert
         self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b, self._dec_refresh,
                                     triton=ops.on_triton(seq_lens), dense_to_fa=to_fa)
-        dense_rows = DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1],
-                                  seqused_k=b["fa_len"][:n], block_table=cm.block_table_tensor[:n], max_seqlen_q=1,
-                                  max_seqlen_k=self._max_model_len, all_layers=False) if to_fa else None
+        dense_rows = self._decode_rows_fa(cm, n, b["fa_len"][:n]) if to_fa else None
         return QueryBlocks(
             req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
