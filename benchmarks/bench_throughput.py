@@ -188,7 +188,7 @@ def worker(a) -> None:
     for length in a.lengths:
         fits = max(1, min(a.max_seqs, pool_tokens // (length + a.output_len)))
         for n in sorted({fits} if a.only_full else {1, fits}):
-            profile_this = bool(a.profile) and length == max(a.lengths) and n == fits
+            profile_this = bool(a.profile) and length == max(a.lengths)
             try:
                 r = run(prompts(n, length), a.output_len)
             except Exception as e:  # report, keep measuring the other points
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--offload-reqs", type=int, default=1)
     ap.add_argument("--only-full", action="store_true", help="measure only the most concurrent requests that fit")
     ap.add_argument("--log", default=None)
-    ap.add_argument("--profile", default=None, help="dir: torch profiler tables of 16 decode steps at the last point")
+    ap.add_argument("--profile", default=None, help="dir: torch profiler tables of 16 decode steps at each point of the longest length")
     ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")
     ap.add_argument("--smoke", action="store_true", help="a tiny Llama instead of 8B shapes (checks the script on CPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
