@@ -13,8 +13,12 @@ and prints one table with the GPU named. Weights are random (``load_format="dumm
 from __future__ import annotations
 
 import argparse
+import cProfile
+import gc
+import io
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -42,6 +46,22 @@ SMOKE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
 def _pct(xs, p):
     """p-th percentile of step times ``xs`` (seconds) in ms, nearest rank; None for no steps."""
     return round(1e3 * sorted(xs)[min(len(xs) - 1, len(xs) * p // 100)], 2) if xs else None
+
+class GcClock:
+    """Time the interpreter spends in garbage collection (``gc.callbacks``), by generation: a full collection
+    walks every list of token ids the engine holds, so long prompts make it a per-step cost worth seeing."""
+
+    def __init__(self):
+        self.total, self.full, self._t0 = 0.0, 0, None
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.total += time.perf_counter() - self._t0
+            self.full += info["generation"] == 2
+            self._t0 = None
+
 
 def write_model_dir(path: Path, tokenizer_dir: Path, max_len: int, smoke: bool = False) -> Path:
     """config.json of Llama-3.1-8B shapes (``smoke``: a tiny Llama, to check the script on CPU) plus a small
@@ -121,11 +141,21 @@ def worker(a) -> None:
     eng = llm.llm_engine
     ids = iter(range(1 << 30))
 
-    def write_profile(prof, ps, steps):
+    def write_profile(prof, py, ps, steps):
         name = f"{a.backend}_{len(ps[0]['prompt_token_ids'])}x{len(ps)}"
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
         cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-        Path(a.profile, f"profile_{name}.txt").write_text(f"{steps} decode steps\n{table}\n\n{cpu}\n")
+        # The torch profiler sees ops and kernels, not plain Python (vLLM's scheduler, our builder): the next 16
+        # steps under cProfile show where the rest of a step's host time goes.
+        text = io.StringIO()
+        for key in ("tottime", "cumulative"):
+            pstats.Stats(py, stream=text).sort_stats(key).print_stats(35)
+        Path(a.profile, f"profile_{name}.txt").write_text(
+            f"16 decode steps (torch profiler)\n{table}\n\n{cpu}\n\n"
+            f"{steps - 16} further decode steps (cProfile)\n{text.getvalue()}\n")
+
+    gc_clock = GcClock()
+    gc.callbacks.append(gc_clock)
 
     profile_this = False
 
@@ -137,35 +167,49 @@ def worker(a) -> None:
         for p in ps:
             eng.add_request(f"b{next(ids)}", p, sp)
         first, ntok, t_all, tok_all = {}, {}, None, 0
-        prof, prof_steps, prof_s, prof_tok = None, 0, 0.0, 0  # profiled steps are left out of the rate
-        full_steps = []
+        # profiled steps (16 under the torch profiler, then 16 under cProfile) are left out of the rate
+        prof = py = None
+        prof_steps, prof_s, prof_tok = 0, 0.0, 0
+        full_steps, gc_s, gc_full = [], 0.0, 0
         while eng.has_unfinished_requests():
-            if profile_this and t_all is not None and prof is None and prof_steps == 0:
+            if profile_this and t_all is not None and prof_steps == 0 and prof is None:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                           torch.profiler.ProfilerActivity.CUDA])
                 prof.__enter__()
                 p0, ptok0 = time.perf_counter(), sum(ntok.values())
-            t_step = time.perf_counter()
+            profiling = 0 < prof_steps + (prof is not None) <= 32
+            t_step, gc0, full0 = time.perf_counter(), gc_clock.total, gc_clock.full
             outs = eng.step()
             now = time.perf_counter()
-            if t_all is not None and prof is None and len(ntok) == len(ps) and all(
+            if t_all is not None and not profiling and len(ntok) == len(ps) and all(
                     v < max_tokens for v in ntok.values()):
                 full_steps.append(now - t_step)  # every request still decoding: a step of the full batch
+                gc_s += gc_clock.total - gc0
+                gc_full += gc_clock.full - full0
             for o in outs:
                 ntok[o.request_id] = len(o.outputs[0].token_ids)
                 if ntok[o.request_id] and o.request_id not in first:
                     first[o.request_id] = now - t0
-            if prof is not None:
+            if profiling:
                 prof_steps += 1
-                if prof_steps == 16:  # 16 decode steps once every request decodes
+                if prof_steps == 16:  # 16 decode steps once every request decodes, then 16 under cProfile
                     prof.__exit__(None, None, None)
-                    done_prof, prof = prof, None
+                    py = cProfile.Profile()
+                    py.enable()
+                elif prof_steps == 32:
+                    py.disable()
                     prof_s, prof_tok = now - p0, sum(ntok.values()) - ptok0
             if t_all is None and len(first) == len(ps):
                 t_all, tok_all = now, sum(ntok.values())
         t_end = time.perf_counter()
+        if 0 < prof_steps < 16:  # the run ended inside a profiled window: close it, leave its steps out
+            prof.__exit__(None, None, None)
+        elif 16 <= prof_steps < 32:
+            py.disable()
+        if 0 < prof_steps < 32:
+            prof_s, prof_tok = t_end - p0, sum(ntok.values()) - ptok0
         if prof_steps >= 16:
-            write_profile(done_prof, ps, prof_steps)
+            write_profile(prof, py, ps, prof_steps)
         assert len(ntok) == len(ps) and all(v == max_tokens for v in ntok.values()), ntok
         ttft = sorted(first.values())
         return {"ttft_s": round(ttft[0], 3), "ttft_mean_s": round(sum(ttft) / len(ttft), 3),
@@ -175,7 +219,9 @@ def worker(a) -> None:
                 "full_batch_step_ms": _pct(full_steps, 50),
                 # spread of those steps: HiP's decode steps differ by how many requests refresh their masks
                 "full_batch_step_ms_p10": _pct(full_steps, 10), "full_batch_step_ms_p90": _pct(full_steps, 90),
-                "full_batch_steps": len(full_steps)}
+                "full_batch_steps": len(full_steps),
+                # garbage collection inside those steps: ms per step, and how many were full (generation 2)
+                "full_batch_gc_ms": round(1e3 * gc_s / max(len(full_steps), 1), 2), "full_batch_gc_full": gc_full}
 
     # Warm-up: short prompts (dense prefill, decode graphs) and, for HiP, prompts past dense_below_seq_len, so
     # the HiP prefill kernels and mixed prefill+decode steps compile here and not inside a timed point.
@@ -220,7 +266,7 @@ def main() -> None:
     ap.add_argument("--offload-reqs", type=int, default=1)
     ap.add_argument("--only-full", action="store_true", help="measure only the most concurrent requests that fit")
     ap.add_argument("--log", default=None)
-    ap.add_argument("--profile", default=None, help="dir: torch profiler tables of 16 decode steps at each point of the longest length")
+    ap.add_argument("--profile", default=None, help="dir: torch profiler tables (16 decode steps) and a cProfile table (16 more) at each point of the longest length")
     ap.add_argument("--model-only", action="store_true", help="write the model dir (config + tokenizer) and exit")
     ap.add_argument("--smoke", action="store_true", help="a tiny Llama instead of 8B shapes (checks the script on CPU)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)

@@ -91,28 +91,30 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     Hkv, Hq, hs, page, G, width = 2, 8, 32, 16, 40, 40
     cfg = HipConfig.from_dict({"k": 64, "block_size_k": 4, "block_size_q": 16, "sink_tokens": 8, "sliding_window": 32,
                                "offload": {"host_gib": 60 * Hkv * page * 2 * hs * 4 / 2**30, "max_moves": 4}})
-    ops.compile_kernels(torch.device("cpu"), torch.float32, num_heads=Hq, num_kv_heads=Hkv, head_size=hs,
+    # the device the warm-up really runs on: the interpreter on CPU, the GPU where there is one
+    dev_t = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ops.compile_kernels(dev_t, torch.float32, num_heads=Hq, num_kv_heads=Hkv, head_size=hs,
                         page_size=page, block_table_width=width, cfg=cfg, host_tier=True)
     start = len(log)
-    dev = torch.zeros(G, page, Hkv, 2 * hs).transpose(1, 2)  # vLLM's per-layer tensor, logical view
-    tiers = HostTiers(cfg, {"model.layers.5.attn": dev}, page, "cpu", write_moves=8)
+    dev = torch.zeros(G, page, Hkv, 2 * hs, device=dev_t).transpose(1, 2)  # vLLM's per-layer tensor, logical view
+    tiers = HostTiers(cfg, {"model.layers.5.attn": dev}, page, dev_t, write_moves=8)
     hk, hv = tiers.host_kv["model.layers.5.attn"].transpose(1, 2).split(hs, -1)
     dk, dv = dev.transpose(1, 2).split(hs, -1)
     g = torch.Generator().manual_seed(0)
     n_pages = G + tiers.residency.num_host_pages
-    bt = torch.randint(0, n_pages, (3, width), generator=g, dtype=torch.int32)
+    bt = torch.randint(0, n_pages, (3, width), generator=g, dtype=torch.int32).to(dev_t)
     ctx = [600, 410, 300]
-    seq = torch.tensor(ctx, dtype=torch.int32)
+    seq = torch.tensor(ctx, dtype=torch.int32, device=dev_t)
     # three decode rows as the builder ships them (its persistent, aligned buffers sliced from the start)
-    buf = {k: torch.zeros(8, dtype=torch.int32) for k in ("req", "start", "len", "pos0", "row")}
+    buf = {k: torch.zeros(8, dtype=torch.int32, device=dev_t) for k in ("req", "start", "len", "pos0", "row")}
     for k, v in (("req", [0, 1, 2]), ("start", [0, 1, 2]), ("len", [1, 1, 1]), ("pos0", [c - 1 for c in ctx]),
                  ("row", [0, 1, 2])):
-        buf[k][:3] = torch.tensor(v)
+        buf[k][:3] = torch.tensor(v, device=dev_t)
     req, st, ln, pos0, row = (buf[k][:3] for k in ("req", "start", "len", "pos0", "row"))
     ws = window_starts(pos0, cfg.sliding_window, cfg.block_size_k)
-    q = torch.randn(3, Hq, hs, generator=g)
-    cache = torch.full((4, Hkv, cfg.n_select), -1, dtype=torch.int32)
-    refresh = torch.ones(8, dtype=torch.bool)[:3]
+    q = torch.randn(3, Hq, hs, generator=g).to(dev_t)
+    cache = torch.full((4, Hkv, cfg.n_select), -1, dtype=torch.int32, device=dev_t)
+    refresh = torch.ones(8, dtype=torch.bool, device=dev_t)[:3]
     mk = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
               sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride, host_k_cache=hk)
     for single in (True, False):
@@ -120,9 +122,9 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     th.hip_attention(q, dk, dv, bt, seq, req, st, ln, pos0, ws, cache, indices_row=row, out=torch.empty_like(q),
                      sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=hs ** -0.5,
                      host_k_cache=hk, host_v_cache=hv)
-    slots = torch.tensor([5 * page + 3, (G + 7) * page + 1, -1])  # int64, as vLLM's slot mapping
-    th.kv_write(torch.randn(3, Hkv, hs, generator=g), torch.randn(3, Hkv, hs, generator=g), dk, dv, slots,
-                host_k_cache=hk, host_v_cache=hv)
+    slots = torch.tensor([5 * page + 3, (G + 7) * page + 1, -1], device=dev_t)  # int64, as vLLM's slot mapping
+    th.kv_write(torch.randn(3, Hkv, hs, generator=g).to(dev_t), torch.randn(3, Hkv, hs, generator=g).to(dev_t),
+                dk, dv, slots, host_k_cache=hk, host_v_cache=hv)
     tiers.residency.advance()
     tiers.residency.touch_slots(slots, page)
     assert len(log) > start
