@@ -5,6 +5,7 @@ Everything here runs on the CPU in plain torch. Nothing here starts vLLM.
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -152,7 +153,8 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if pruned.numel() == 0:
         return res
     sub = [t[pruned] for t in (qb_req, qb_start, qb_len, qb_pos0, ws)]
-    idx = (mask_fn or hip_mask_reference)(q, kc, bt, sub[0], sub[1], sub[2], sub[4], n_select=n,
+    mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=cfg.mask_exact_blocks)
+    idx = mask_fn(q, kc, bt, sub[0], sub[1], sub[2], sub[4], n_select=n,
                              block_size_q=cfg.block_size_q, block_size_k=bk, sink_tokens=cfg.sink_tokens,
                              query_stride=cfg.query_stride)
     o_hip = torch.zeros_like(q)
@@ -236,7 +238,8 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     uniq, inv = torch.unique(ref_pos, return_inverse=True)
     idx_u = hip_mask_reference(q, kc, bt, zero[: len(uniq)], uniq.to(torch.int32), one[: len(uniq)],
                                window_starts(uniq, cfg.sliding_window, bk), n_select=cfg.n_select,
-                               block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens, query_stride=1)
+                               block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens, query_stride=1,
+                               exact_blocks=cfg.mask_exact_blocks)
     idx = idx_u[inv]
     seq = torch.tensor([T], dtype=torch.int32)
     o_hip = torch.zeros_like(q)
@@ -280,7 +283,8 @@ class HipSim:
     def __init__(self, cfg=None, num_layers: int = 30, mask_fn=None, last_row_block: bool = False):
         self.cfg = _cfg(cfg)
         self.last_row_block = last_row_block  # the prompt's last row estimates its own mask (experiment)
-        self.mask_fn = mask_fn or hip_mask_reference  # experiments swap in other selections (mask_variants.py)
+        # the backend's selection; experiments swap in others (mask_variants.py)
+        self.mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=self.cfg.mask_exact_blocks)
         self.num_layers = num_layers
         self.state: dict[int, tuple] = {}
         self._saved = None

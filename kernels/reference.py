@@ -142,15 +142,20 @@ def hip_mask_reference(
     block_size_k: int,
     sink_tokens: int,
     query_stride: int = 1,
+    exact_blocks: int = 1,
     host_k_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Hierarchical top-k key-block selection (HiP v3) for every (query block, KV head).
+    """Hierarchical top-k key-block selection (HiP v3, with an exact last stage) for every (query block, KV head).
 
     Candidates are key blocks in ``[sink_tokens/bk, window_start/bk)``. They are split into ``n_select``
     groups of near-equal size; each round splits every group in two, scores each half by the best
     ``q . k`` between the block's strided queries (all query heads of the KV-head group) and the ``bk`` keys
     of the half's centre key block, and keeps the ``n_select`` best halves (ties: lower position first).
-    Rounds repeat until every group is one key block. With ``n_select`` >= candidates, all are selected.
+    Rounds repeat until no group spans more than ``exact_blocks`` key blocks. Then, if groups still span
+    several blocks, one exact round scores every block of every group by its own keys and keeps the
+    ``n_select`` best blocks (same tie rule). ``exact_blocks=1`` is plain HiP v3 (halving down to single blocks,
+    each half judged by its centre block only); larger values replace the last rounds' guesses by exact block
+    scores, for about the same number of keys read. With ``n_select`` >= candidates, all are selected.
     Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded. ``host_k_cache``: see the module docstring.
     """
     k_cache = tiered_cache(k_cache, host_k_cache)
@@ -199,8 +204,16 @@ def hip_mask_reference(
     bounds = b_sel[:, None] + torch.div(i[None] * c_sel[:, None], n, rounding_mode="floor")  # [S, n+1]
     lo = bounds[:, :-1][:, None, :].expand(S, Hkv, n).contiguous()
     hi = bounds[:, 1:][:, None, :].expand(S, Hkv, n).contiguous()
-    while bool((hi - lo > 1).any()):
-        split = hi - lo > 1
+    # Rounds per row from its candidate count alone (as the kernels decide them): halve the largest group size
+    # until it is at most E.
+    E = max(1, int(exact_blocks))
+    rounds = torch.zeros_like(c_sel)
+    size = -torch.div(-c_sel, n, rounding_mode="floor")
+    while bool((size > E).any()):
+        rounds += size > E
+        size = torch.where(size > E, -torch.div(-size, 2, rounding_mode="floor"), size)
+    for r in range(int(rounds.max())):
+        split = (hi - lo > 1) & (rounds > r)[:, None, None]
         mid = torch.div(lo + hi, 2, rounding_mode="floor")
         # Halves interleaved (left_i, right_i) so candidate order is position order.
         c_lo = torch.stack([lo, mid], -1).flatten(-2)
@@ -211,6 +224,14 @@ def hip_mask_reference(
         order = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :n]
         order = torch.sort(order, dim=-1).values  # back to position order
         lo, hi = torch.gather(c_lo, -1, order), torch.gather(c_hi, -1, order)
+    if E > 1 and bool((hi - lo > 1).any()):
+        # Exact round: every block of every group (groups are disjoint and in position order, so the flattened
+        # candidates are too), each scored by its own keys; the n best blocks.
+        blocks = (lo[..., None] + torch.arange(E, device=dev)).flatten(-2)  # [S, Hkv, n*E]
+        valid = (blocks < hi[..., None].expand(S, Hkv, n, E).flatten(-2))
+        sc = score(torch.where(valid, blocks, lo[..., :1].expand_as(blocks))).masked_fill(~valid, NEG_INF)
+        order = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :n]
+        lo = torch.gather(blocks, -1, torch.sort(order, dim=-1).values)
     out[sel] = lo.to(torch.int32)
     return out
 

@@ -190,6 +190,77 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, h
 
 # ------------------------------------------------------------------------------------------ mask estimation
 @triton.jit
+def _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                        sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                        N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr,
+                        IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr):
+    """Exact round, candidates ``c0 .. c0 + KROWS/BK``: candidate ``ci`` is block ``lo[ci // EXACT] + ci % EXACT``
+    (valid below that group's ``hi``), scored by the best ``q . k`` over its own ``BK`` keys."""
+    CH: tl.constexpr = KROWS // BK
+    kr = tl.arange(0, KROWS)
+    ci = c0 + kr // BK
+    cv = ci < N * EXACT
+    gi = ci // EXACT
+    l = tl.load(lo_s + gi, mask=cv, other=0)
+    hh = tl.load(hi_s + gi, mask=cv, other=0)
+    blk = l + ci % EXACT
+    valid = cv & (blk < hh)
+    pos = tl.where(valid, blk * BK + kr % BK, 0)
+    phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
+    if TIERED:
+        kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3,
+                          n_dev)
+    else:
+        kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
+    kt = tl.load(kp, mask=valid[:, None], other=0.0)
+    s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+    s = tl.where(rvalid[:, None], s, float("-inf"))
+    srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
+    if BK == 1:
+        cs = srow
+    else:
+        cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+    return cs
+
+
+@triton.jit
+def _exact_select(sc_s, lo_s, hi_s, out_base, so2, N: tl.constexpr, N_PAD: tl.constexpr, EXACT: tl.constexpr,
+                  E_PAD: tl.constexpr):
+    """Exact round's selection: the N best of the N * EXACT scored blocks (ties: lower position first), written
+    to ``out_base`` in position order."""
+    ci2 = tl.arange(0, E_PAD * N_PAD)
+    cvalid = ci2 < N * EXACT
+    gi2 = ci2 // EXACT
+    l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
+    h2 = tl.load(hi_s + gi2, mask=cvalid, other=0)
+    blk2 = l2 + ci2 % EXACT
+    ok = cvalid & (blk2 < h2)
+    sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
+    sc = tl.where(ok, sc, float("-inf"))
+    srt = tl.sort(sc, descending=True)
+    thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
+    gt = sc > thr
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = (sc == thr) & ok
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    sel = gt | (eq & (eq_rank <= N - n_gt))
+    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    tl.store(out_base + slot * so2, blk2.to(tl.int32), mask=sel)
+
+
+@triton.jit
+def _halving_rounds(count, N: tl.constexpr, EXACT: tl.constexpr):
+    """Halving rounds of a (query block, head) with ``count`` candidate blocks, and whether an exact round
+    follows (groups still span several blocks)."""
+    size = (count + N - 1) // N
+    rounds = 0
+    while size > EXACT:
+        size = (size + 1) // 2
+        rounds += 1
+    return rounds, (size > 1).to(tl.int32)
+
+
+@triton.jit
 def _hip_mask_body(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -201,7 +272,7 @@ def _hip_mask_body(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr,
+    TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -227,7 +298,7 @@ def _hip_mask_body(
             pid = (qb * Hkv + h).to(tl.int64)
             lo_s = lo_ptr + pid * N_PAD
             hi_s = hi_ptr + pid * N_PAD
-            sc_s = score_ptr + pid * (2 * N_PAD)
+            sc_s = score_ptr + pid * SC_W
             # queries scored: rows m = g * NQ_P + j (head g of the group, j-th strided row from the end)
             m = tl.arange(0, M_PAD)
             g = m // NQ_P
@@ -244,11 +315,7 @@ def _hip_mask_body(
             hi = begin + ((ar + 1) * count) // N
             tl.store(lo_s + ar, lo, mask=ar < N)
             tl.store(hi_s + ar, hi, mask=ar < N)
-            size = (count + N - 1) // N
-            rounds = 0
-            while size > 1:
-                size = (size + 1) // 2
-                rounds += 1
+            rounds, exact = _halving_rounds(count, N, EXACT)
             CH: tl.constexpr = KROWS // BK
             kr = tl.arange(0, KROWS)
             ci2 = tl.arange(0, 2 * N_PAD)
@@ -311,8 +378,19 @@ def _hip_mask_body(
                 tl.store(lo_s + slot, clo2, mask=sel)
                 tl.store(hi_s + slot, chi2, mask=sel)
             tl.debug_barrier()
-            res = tl.load(lo_s + ar, mask=ar < N, other=-1)
-            tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
+            if exact != 0:
+                for c0 in range(0, N * EXACT, CH):
+                    cs = _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                             sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                             N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, IEEE=IEEE, UPCAST=UPCAST,
+                                             TIERED=TIERED)
+                    cc = c0 + tl.arange(0, CH)
+                    tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
+                tl.debug_barrier()
+                _exact_select(sc_s, lo_s, hi_s, out_base, so2, N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD)
+            else:
+                res = tl.load(lo_s + ar, mask=ar < N, other=-1)
+                tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
 
 
 @triton.jit(do_not_specialize=["sbt0"])
@@ -326,13 +404,14 @@ def _hip_mask_kernel(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
         0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
 @triton.jit(do_not_specialize=["sbt0", "n_dev"])
@@ -347,13 +426,14 @@ def _hip_mask_kernel_tiered(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
 # Round-parallel variant: one launch per round, the 2n halves of every (qb, head) scored by many programs; the
@@ -399,7 +479,7 @@ def _hip_mask_round_body(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr,
+    TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -412,19 +492,15 @@ def _hip_mask_round_body(
     ws = tl.load(ws_ptr + qb)
     begin = sink_tokens // BK
     count = tl.maximum(ws // BK - begin, 0)
-    size = (count + N - 1) // N
-    rounds = 0
-    while size > 1:
-        size = (size + 1) // 2
-        rounds += 1
-    if (act != 0) & (rnd < rounds):
+    rounds, exact = _halving_rounds(count, N, EXACT)  # count <= N: none (the init kernel selected all)
+    if (act != 0) & (rnd < rounds + exact):
         req = tl.load(qb_req_ptr + qb).to(tl.int64)
         start = tl.load(qb_start_ptr + qb).to(tl.int64)
         ln = tl.load(qb_len_ptr + qb)
         pid = (qb * Hkv + h).to(tl.int64)
         lo_s = lo_in + pid * N_PAD
         hi_s = hi_in + pid * N_PAD
-        sc_s = score_ptr + pid * (2 * N_PAD)
+        sc_s = score_ptr + pid * SC_W
         m = tl.arange(0, M_PAD)
         g = m // NQ_P
         j = m % NQ_P
@@ -437,7 +513,19 @@ def _hip_mask_round_body(
                      mask=rvalid[:, None], other=0.0)
         CH: tl.constexpr = KROWS // BK
         kr = tl.arange(0, KROWS)
-        for cc0 in range(0, cpp):
+        is_exact = rnd == rounds
+        # the exact round scores N * EXACT candidates instead of 2N: more chunks per program
+        cpp_e = ((N * EXACT + CH - 1) // CH + nch - 1) // nch
+        if is_exact:
+            for ce0 in range(0, cpp_e):
+                c0 = (c * cpp_e + ce0) * CH
+                cs = _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                         sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                         N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, IEEE=IEEE, UPCAST=UPCAST,
+                                         TIERED=TIERED)
+                cc = c0 + tl.arange(0, CH)
+                tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
+        for cc0 in range(0, tl.where(is_exact, 0, cpp)):
             c0 = (c * cpp + cc0) * CH
             ci = c0 + kr // BK
             cv = ci < 2 * N
@@ -470,7 +558,13 @@ def _hip_mask_round_body(
             tl.store(sc_s + cc, cs, mask=cc < 2 * N)
         tl.debug_barrier()  # every thread's score stores precede the release below
         done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-        if done == nch - 1:
+        if (done == nch - 1) & is_exact:
+            tl.debug_barrier()
+            tl.store(cnt_ptr + pid, 0)
+            row = tl.load(out_row_ptr + qb).to(tl.int64)
+            _exact_select(sc_s, lo_s, hi_s, out_ptr + row * so0 + h * so1, so2, N=N, N_PAD=N_PAD, EXACT=EXACT,
+                          E_PAD=E_PAD)
+        elif done == nch - 1:
             tl.debug_barrier()
             tl.store(cnt_ptr + pid, 0)
             ci2 = tl.arange(0, 2 * N_PAD)
@@ -492,7 +586,7 @@ def _hip_mask_round_body(
             eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
             sel = gt | (eq & (eq_rank <= N - n_gt))
             slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-            if rnd == rounds - 1:
+            if rnd == rounds + exact - 1:
                 row = tl.load(out_row_ptr + qb).to(tl.int64)
                 tl.store(out_ptr + row * so0 + h * so1 + slot * so2, clo2.to(tl.int32), mask=sel)
             else:
@@ -511,6 +605,7 @@ def _hip_mask_round_kernel(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
@@ -518,7 +613,7 @@ def _hip_mask_round_kernel(
         sink_tokens, page_size, rnd, cpp,
         0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
 @triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev"])
@@ -533,6 +628,7 @@ def _hip_mask_round_kernel_tiered(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
@@ -540,15 +636,17 @@ def _hip_mask_round_kernel_tiered(
         sink_tokens, page_size, rnd, cpp,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
 def hip_mask(
     q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *,
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
-    out=None, out_row=None, active=None, single_launch: bool | None = None, host_k_cache=None,
+    exact_blocks: int = 1, out=None, out_row=None, active=None, single_launch: bool | None = None,
+    host_k_cache=None,
 ):
-    """HiP v3 key-block selection, same result as ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
+    """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
+    ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
 
     ``out``: preallocated ``[M, Hkv, n]`` int32; ``out_row`` int32 ``[QB]``: row of ``out`` written for each
     query block (default ``arange``); ``active`` ``[QB]``: blocks with 0 write nothing. No host sync.
@@ -587,7 +685,10 @@ def hip_mask(
     act = active if has_active else qb_len
     ieee = q.dtype == torch.float32
     tier = (*_tier_args(k_cache, host_k_cache), k_cache.shape[0]) if _is_tiered(host_k_cache) else ()
-    scratch_sc = torch.empty((QB * Hkv * 2 * n_pad,), dtype=torch.float32, device=dev)
+    exact = max(1, int(exact_blocks))
+    e_pad = _p2(exact)
+    sc_w = max(2, e_pad) * n_pad  # scores per (qb, head): 2n halves, or n * exact blocks in the exact round
+    scratch_sc = torch.empty((QB * Hkv * sc_w,), dtype=torch.float32, device=dev)
     if single_launch:
         scratch_lo = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
         scratch_hi = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
@@ -599,7 +700,7 @@ def hip_mask(
             out.stride(0), out.stride(1), out.stride(2),
             int(sink_tokens), k_cache.shape[1], *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
-            KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
+            KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
             num_warps=4 if m_pad * krows <= 64 * 64 else 8,
         )
         return out
@@ -607,9 +708,10 @@ def hip_mask(
     max_count = max(0, (block_table.shape[1] * k_cache.shape[1]) // bk - int(sink_tokens) // bk)
     n_rounds = 0
     size = -(-max_count // max(n, 1))
-    while size > 1:
+    while size > exact:
         size = (size + 1) // 2
         n_rounds += 1
+    n_rounds += size > 1  # the exact round
     # ping-pong rows start 16-byte aligned: Triton keys compiled kernels on pointer alignment
     width = _cdiv(QB * Hkv * n_pad, 4) * 4
     lo = torch.empty((2, width), dtype=torch.int32, device=dev).unbind(0)
@@ -630,8 +732,8 @@ def hip_mask(
     mid = (*q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens), k_cache.shape[1])
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
-                KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET,
-                num_warps=4 if m_pad * krows <= 64 * 64 else 8)
+                KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
+                SC_W=sc_w, num_warps=4 if m_pad * krows <= 64 * 64 else 8)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
         kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *mid, r, cpp, *tier, **meta)

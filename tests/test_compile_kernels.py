@@ -115,8 +115,7 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     q = torch.randn(3, Hq, hs, generator=g).to(dev_t)
     cache = torch.full((4, Hkv, cfg.n_select), -1, dtype=torch.int32, device=dev_t)
     refresh = torch.ones(8, dtype=torch.bool, device=dev_t)[:3]
-    mk = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
-              sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride, host_k_cache=hk)
+    mk = dict(cfg.mask_kwargs, host_k_cache=hk)  # as the HiP layers pass them
     for single in (True, False):
         th.hip_mask(q, dk, bt, req, st, ln, ws, out=cache, out_row=row, active=refresh, single_launch=single, **mk)
     th.hip_attention(q, dk, dv, bt, seq, req, st, ln, pos0, ws, cache, indices_row=row, out=torch.empty_like(q),

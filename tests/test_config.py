@@ -9,6 +9,9 @@ def test_defaults_follow_the_paper_except_key_block_size_and_budget():
     assert (c.k, c.block_size_q, c.block_size_k, c.query_stride) == (1024, 64, 8, 2)
     assert (c.sink_tokens, c.sliding_window, c.dense_layers, c.mask_refresh_interval) == (128, 1024, (0, 1, 2), 8)
     assert c.n_select == 128
+    assert c.mask_exact_blocks == 8
+    assert c.mask_kwargs == dict(n_select=128, block_size_q=64, block_size_k=8, sink_tokens=128, query_stride=2,
+                                 exact_blocks=8)
 
 
 def test_json_text_and_dict_agree():
@@ -38,6 +41,9 @@ def test_frozen():
         ({"dense_layers": 3}, r"dense_layers must be a list"),
         ({"dense_layers": [-1]}, r"non-negative"),
         ({"mask_refresh_interval": 0}, r"mask_refresh_interval must be > 0"),
+        ({"mask_exact_blocks": 0}, r"mask_exact_blocks must be > 0"),
+        ({"mask_exact_blocks": 6}, r"mask_exact_blocks must be a power of two up to 64, got 6"),
+        ({"mask_exact_blocks": 128}, r"mask_exact_blocks must be a power of two up to 64, got 128"),
         ({"offload": {"gpu_blocks": -1}}, r"must be >= 0"),
         ({"offload": {"gpu": 1}}, r"unknown key\(s\) \['gpu'\] in hip.offload"),
         ({"offload": {"gpu_blocks": 4096}}, r"host_gib is 0"),

@@ -88,3 +88,17 @@ def test_v3_norm_is_v3_where_the_offset_cannot_reorder():
     k2 = torch.randn(1, L, 1, D, generator=g)
     args2 = (bt, torch.zeros(3, dtype=torch.int32), rows, one, ws)
     assert not torch.equal(mask_v3_norm(q2, k2, *args2, window=64, **KW), hip_mask_reference(q2, k2, *args2, **KW))
+
+
+def test_exact_stage_is_the_oracle_where_groups_fit_it():
+    """hip_mask_reference(exact_blocks=E): where every query block has at most E * n candidates, the search is
+    one exact round, so the selection is the true top-n blocks (the oracle), on random problems with GQA, strided
+    query rows and query blocks of every size; with E = 1 (plain v3) it is not."""
+    for seed in range(3):
+        q, k, bt, qb, ws = _problem(L=1024, Hq=8, Hkv=2, seed=10 + seed)
+        count = int(ws.max()) // KW["block_size_k"] - KW["sink_tokens"] // KW["block_size_k"]
+        E = 1 << (-(-count // KW["n_select"]) - 1).bit_length()  # smallest power of two >= the largest group
+        kw = dict(KW, query_stride=2)
+        want = mask_oracle(q, k, bt, *qb[:3], ws, **kw)
+        assert torch.equal(hip_mask_reference(q, k, bt, *qb[:3], ws, exact_blocks=E, **kw), want)
+        assert not torch.equal(hip_mask_reference(q, k, bt, *qb[:3], ws, exact_blocks=1, **kw), want)

@@ -505,8 +505,7 @@ class HipAttentionImpl(AttentionImpl):
         q = query[:T].view(T, self.num_heads, self.head_size)
         out = output[:T].view(T, self.num_heads, self.head_size)
         common = dict(sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=self.scale, out=out)
-        mask_kw = dict(n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=cfg.block_size_k,
-                       sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
+        mask_kw = cfg.mask_kwargs
         block_table, tier = md.block_table, {}
         if md.host_kv is not None and layer.layer_name in md.host_kv:
             hk, hv = compat.split_kv_cache(md.host_kv[layer.layer_name], self.head_size)

@@ -52,6 +52,13 @@ class HipConfig:
     better on passkey retrieval and runs faster on GPUs: BENCHMARKS.md, "Quality".)"""
     query_stride: int = 2
     """Score every n-th query of a block during mask estimation (1 = all)."""
+    mask_exact_blocks: int = 8
+    """The hierarchical search halves its ``n`` candidate groups only until none spans more than this many key
+    blocks; then every block of the surviving groups is scored by its own keys and the best ``n`` are kept. 1 is
+    plain HiP v3 (every group halved down to one block, each half judged by its centre block). 8 reads about as
+    many keys as v3 and, at 8K on SmolLM2, finds the exact top blocks (the whole search is one exact round when
+    there are at most 8n candidates): passkey margins lost to pruning fall from 0.69 to 0.21 nats
+    (BENCHMARKS.md §4). A power of two, at most 64."""
     sink_tokens: int = 128
     """First tokens every query attends to (attention sinks). Must be a multiple of ``block_size_k``."""
     sliding_window: int = 1024
@@ -76,6 +83,12 @@ class HipConfig:
     def n_select(self) -> int:
         """Key blocks selected per query block."""
         return self.k // self.block_size_k
+
+    @property
+    def mask_kwargs(self) -> dict:
+        """The selection settings every mask op takes (``ops.mask``, the kernels, the reference)."""
+        return dict(n_select=self.n_select, block_size_q=self.block_size_q, block_size_k=self.block_size_k,
+                    sink_tokens=self.sink_tokens, query_stride=self.query_stride, exact_blocks=self.mask_exact_blocks)
 
     # ------------------------------------------------------------------------------------ parsing
     @classmethod
@@ -118,7 +131,7 @@ class HipConfig:
 
     def validate(self) -> None:
         """Raise ``HipConfigError`` for inconsistent values."""
-        positive = ("k", "block_size_q", "block_size_k", "query_stride", "mask_refresh_interval")
+        positive = ("k", "block_size_q", "block_size_k", "query_stride", "mask_refresh_interval", "mask_exact_blocks")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HipConfigError(f"hip.{name} must be > 0, got {getattr(self, name)}")
@@ -128,6 +141,9 @@ class HipConfig:
         bk = self.block_size_k
         if bk & (bk - 1):
             raise HipConfigError(f"hip.block_size_k must be a power of two, got {bk}")
+        e = self.mask_exact_blocks
+        if e & (e - 1) or e > 64:
+            raise HipConfigError(f"hip.mask_exact_blocks must be a power of two up to 64, got {e}")
         if self.k % bk:
             raise HipConfigError(
                 f"hip.k ({self.k}) must be a multiple of hip.block_size_k ({bk}); try k={self.k // bk * bk or bk}"

@@ -48,11 +48,11 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host
 
 
 def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-         block_size_k, sink_tokens, query_stride, out=None, out_row=None, active=None,
+         block_size_k, sink_tokens, query_stride, exact_blocks=1, out=None, out_row=None, active=None,
          host_k_cache=None) -> torch.Tensor:
     """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows."""
     kw = dict(n_select=n_select, block_size_q=block_size_q, block_size_k=block_size_k,
-              sink_tokens=sink_tokens, query_stride=query_stride)
+              sink_tokens=sink_tokens, query_stride=query_stride, exact_blocks=exact_blocks)
     if host_k_cache is not None:
         kw["host_k_cache"] = host_k_cache
     if _use_triton(q):
@@ -170,8 +170,7 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
     bt = bt.to(device)
     i32 = functools.partial(torch.tensor, dtype=torch.int32, device=device)
     seq = i32([ctx])
-    mask_kw = dict(n_select=cfg.n_select, block_size_q=bq, block_size_k=bk, sink_tokens=cfg.sink_tokens,
-                   query_stride=cfg.query_stride)
+    mask_kw = dict(cfg.mask_kwargs, block_size_q=bq, block_size_k=bk)
     q = torch.randn(bq, num_heads, D, generator=g).to(device, dtype)
     q1 = q[:1].contiguous()
     req, start, ln, pos0 = i32([0]), i32([0]), i32([bq]), i32([ctx - bq])
