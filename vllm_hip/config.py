@@ -58,7 +58,8 @@ class HipConfig:
     plain HiP v3 (every group halved down to one block, each half judged by its centre block). 8 reads about as
     many keys as v3 and, at 8K on SmolLM2, finds the exact top blocks (the whole search is one exact round when
     there are at most 8n candidates): passkey margins lost to pruning fall from 0.69 to 0.21 nats
-    (BENCHMARKS.md §4). A power of two, at most 64."""
+    (BENCHMARKS.md §4). A power of two, at most 16 (the exact round ranks n times this many scores in one
+    program)."""
     sink_tokens: int = 128
     """First tokens every query attends to (attention sinks). Must be a multiple of ``block_size_k``."""
     sliding_window: int = 1024
@@ -142,8 +143,8 @@ class HipConfig:
         if bk & (bk - 1):
             raise HipConfigError(f"hip.block_size_k must be a power of two, got {bk}")
         e = self.mask_exact_blocks
-        if e & (e - 1) or e > 64:
-            raise HipConfigError(f"hip.mask_exact_blocks must be a power of two up to 64, got {e}")
+        if e & (e - 1) or e > 16:  # the exact round ranks n * e scores in one program
+            raise HipConfigError(f"hip.mask_exact_blocks must be a power of two up to 16, got {e}")
         if self.k % bk:
             raise HipConfigError(
                 f"hip.k ({self.k}) must be a multiple of hip.block_size_k ({bk}); try k={self.k // bk * bk or bk}"
