@@ -190,21 +190,36 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, h
 
 # ------------------------------------------------------------------------------------------ mask estimation
 @triton.jit
-def _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                        sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
-                        N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr,
-                        IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr):
-    """Exact round, candidates ``c0 .. c0 + KROWS/BK``: candidate ``ci`` is block ``lo[ci // EXACT] + ci % EXACT``
-    (valid below that group's ``hi``), scored by the best ``q . k`` over its own ``BK`` keys."""
+def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                  sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                  N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr, HALVES: tl.constexpr,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr):
+    """Scores of candidates ``c0 .. c0 + KROWS/BK`` of one round: the best ``q . k`` between the strided queries
+    and the ``BK`` keys of each candidate's key block. ``HALVES``: a halving round, candidate ``ci`` is half
+    ``ci % 2`` of group ``ci // 2``, judged by its centre block; else the exact round, candidate ``ci`` is block
+    ``lo[ci // EXACT] + ci % EXACT`` (valid below that group's ``hi``)."""
     CH: tl.constexpr = KROWS // BK
     kr = tl.arange(0, KROWS)
     ci = c0 + kr // BK
-    cv = ci < N * EXACT
-    gi = ci // EXACT
-    l = tl.load(lo_s + gi, mask=cv, other=0)
-    hh = tl.load(hi_s + gi, mask=cv, other=0)
-    blk = l + ci % EXACT
-    valid = cv & (blk < hh)
+    if HALVES:
+        cv = ci < 2 * N
+        gi = ci // 2
+        side = ci % 2
+        l = tl.load(lo_s + gi, mask=cv, other=0)
+        hh = tl.load(hi_s + gi, mask=cv, other=1)
+        split = hh - l > 1
+        mid = (l + hh) // 2
+        clo = tl.where(side == 1, mid, l)
+        chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
+        valid = cv & ((side == 0) | split)
+        blk = tl.where(valid, (clo + chi - 1) // 2, clo)
+    else:
+        cv = ci < N * EXACT
+        gi = ci // EXACT
+        l = tl.load(lo_s + gi, mask=cv, other=0)
+        hh = tl.load(hi_s + gi, mask=cv, other=0)
+        blk = l + ci % EXACT
+        valid = cv & (blk < hh)
     pos = tl.where(valid, blk * BK + kr % BK, 0)
     phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
     if TIERED:
@@ -317,41 +332,15 @@ def _hip_mask_body(
             tl.store(hi_s + ar, hi, mask=ar < N)
             rounds, exact = _halving_rounds(count, N, EXACT)
             CH: tl.constexpr = KROWS // BK
-            kr = tl.arange(0, KROWS)
             ci2 = tl.arange(0, 2 * N_PAD)
             for _r in range(rounds):
                 tl.debug_barrier()
                 # ---- score the 2N halves, KROWS key rows (CH candidates x BK keys) at a time
                 for c0 in range(0, 2 * N, CH):
-                    ci = c0 + kr // BK
-                    cv = ci < 2 * N
-                    gi = ci // 2
-                    side = ci % 2
-                    l = tl.load(lo_s + gi, mask=cv, other=0)
-                    hh = tl.load(hi_s + gi, mask=cv, other=1)
-                    split = hh - l > 1
-                    mid = (l + hh) // 2
-                    clo = tl.where(side == 1, mid, l)
-                    chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
-                    valid = cv & ((side == 0) | split)
-                    rep = tl.where(valid, (clo + chi - 1) // 2, clo)
-                    pos = rep * BK + kr % BK
-                    pos = tl.where(valid, pos, 0)
-                    phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
-                    if TIERED:
-                        kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3,
-                                          hk_off, shk0, shk1, shk2, shk3, n_dev)
-                    else:
-                        kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
-                    kt = tl.load(kp, mask=valid[:, None], other=0.0)
-                    s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
-                    s = tl.where(rvalid[:, None], s, float("-inf"))
-                    srow = tl.max(s, axis=0)  # [KROWS]
-                    srow = tl.where(valid, srow, float("-inf"))
-                    if BK == 1:
-                        cs = srow
-                    else:
-                        cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+                    cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                       N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=True, IEEE=IEEE, UPCAST=UPCAST,
+                                       TIERED=TIERED)
                     cc = c0 + tl.arange(0, CH)
                     tl.store(sc_s + cc, cs, mask=cc < 2 * N)
                 tl.debug_barrier()
@@ -380,10 +369,10 @@ def _hip_mask_body(
             tl.debug_barrier()
             if exact != 0:
                 for c0 in range(0, N * EXACT, CH):
-                    cs = _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                                             sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
-                                             N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, IEEE=IEEE, UPCAST=UPCAST,
-                                             TIERED=TIERED)
+                    cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                       N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
+                                       UPCAST=UPCAST, TIERED=TIERED)
                     cc = c0 + tl.arange(0, CH)
                     tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
                 tl.debug_barrier()
@@ -512,48 +501,24 @@ def _hip_mask_round_body(
         qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
                      mask=rvalid[:, None], other=0.0)
         CH: tl.constexpr = KROWS // BK
-        kr = tl.arange(0, KROWS)
         is_exact = rnd == rounds
         # the exact round scores N * EXACT candidates instead of 2N: more chunks per program
         cpp_e = ((N * EXACT + CH - 1) // CH + nch - 1) // nch
         if is_exact:
             for ce0 in range(0, cpp_e):
                 c0 = (c * cpp_e + ce0) * CH
-                cs = _exact_chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                                         sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
-                                         N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, IEEE=IEEE, UPCAST=UPCAST,
-                                         TIERED=TIERED)
+                cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                   N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
+                                   UPCAST=UPCAST, TIERED=TIERED)
                 cc = c0 + tl.arange(0, CH)
                 tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
         for cc0 in range(0, tl.where(is_exact, 0, cpp)):
             c0 = (c * cpp + cc0) * CH
-            ci = c0 + kr // BK
-            cv = ci < 2 * N
-            gi = ci // 2
-            side = ci % 2
-            l = tl.load(lo_s + gi, mask=cv, other=0)
-            hh = tl.load(hi_s + gi, mask=cv, other=1)
-            split = hh - l > 1
-            mid = (l + hh) // 2
-            clo = tl.where(side == 1, mid, l)
-            chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
-            valid = cv & ((side == 0) | split)
-            rep = tl.where(valid, (clo + chi - 1) // 2, clo)
-            pos = tl.where(valid, rep * BK + kr % BK, 0)
-            phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
-            if TIERED:
-                kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3,
-                                  hk_off, shk0, shk1, shk2, shk3, n_dev)
-            else:
-                kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
-            kt = tl.load(kp, mask=valid[:, None], other=0.0)
-            s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
-            s = tl.where(rvalid[:, None], s, float("-inf"))
-            srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
-            if BK == 1:
-                cs = srow
-            else:
-                cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+            cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                               sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                               N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=True, IEEE=IEEE, UPCAST=UPCAST,
+                               TIERED=TIERED)
             cc = c0 + tl.arange(0, CH)
             tl.store(sc_s + cc, cs, mask=cc < 2 * N)
         tl.debug_barrier()  # every thread's score stores precede the release below
