@@ -190,6 +190,46 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, h
 
 # ------------------------------------------------------------------------------------------ mask estimation
 @triton.jit
+def _halves(lo_s, hi_s, ci, cv):
+    """Candidate ``ci`` of a halving round: half ``ci % 2`` of group ``ci // 2`` (``[clo, chi)``), valid unless it
+    is the right half of a one-block group."""
+    side = ci % 2
+    l = tl.load(lo_s + ci // 2, mask=cv, other=0)
+    hh = tl.load(hi_s + ci // 2, mask=cv, other=1)
+    split = hh - l > 1
+    mid = (l + hh) // 2
+    clo = tl.where(side == 1, mid, l)
+    chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
+    return clo, chi, cv & ((side == 0) | split)
+
+
+@triton.jit
+def _top_n(sc, ok, N: tl.constexpr):
+    """The ``N`` best valid scores of ``sc`` (ties: lower index first): the mask of those kept and each one's
+    rank in index order (its output slot)."""
+    ci = tl.arange(0, sc.shape[0])
+    srt = tl.sort(sc, descending=True)
+    thr = tl.max(tl.where(ci == N - 1, srt, float("-inf")), axis=0)
+    gt = sc > thr
+    n_gt = tl.sum(gt.to(tl.int32), axis=0)
+    eq = (sc == thr) & ok
+    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
+    sel = gt | (eq & (eq_rank <= N - n_gt))
+    return sel, tl.cumsum(sel.to(tl.int32), axis=0) - 1
+
+
+@triton.jit
+def _best_halves(sc_s, lo_s, hi_s, N: tl.constexpr, N_PAD: tl.constexpr):
+    """A halving round's selection from its 2N scores: the kept halves' mask, output slots and ranges."""
+    ci2 = tl.arange(0, 2 * N_PAD)
+    cvalid = ci2 < 2 * N
+    sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
+    clo2, chi2, _ = _halves(lo_s, hi_s, ci2, cvalid)
+    sel, slot = _top_n(sc, cvalid, N)
+    return sel, slot, clo2, chi2
+
+
+@triton.jit
 def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                   N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr, HALVES: tl.constexpr,
@@ -202,16 +242,7 @@ def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c
     kr = tl.arange(0, KROWS)
     ci = c0 + kr // BK
     if HALVES:
-        cv = ci < 2 * N
-        gi = ci // 2
-        side = ci % 2
-        l = tl.load(lo_s + gi, mask=cv, other=0)
-        hh = tl.load(hi_s + gi, mask=cv, other=1)
-        split = hh - l > 1
-        mid = (l + hh) // 2
-        clo = tl.where(side == 1, mid, l)
-        chi = tl.where(side == 1, hh, tl.where(split, mid, hh))
-        valid = cv & ((side == 0) | split)
+        clo, chi, valid = _halves(lo_s, hi_s, ci, ci < 2 * N)
         blk = tl.where(valid, (clo + chi - 1) // 2, clo)
     else:
         cv = ci < N * EXACT
@@ -251,15 +282,7 @@ def _exact_select(sc_s, lo_s, hi_s, out_base, so2, N: tl.constexpr, N_PAD: tl.co
     blk2 = l2 + ci2 % EXACT
     ok = cvalid & (blk2 < h2)
     sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
-    sc = tl.where(ok, sc, float("-inf"))
-    srt = tl.sort(sc, descending=True)
-    thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
-    gt = sc > thr
-    n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = (sc == thr) & ok
-    eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-    sel = gt | (eq & (eq_rank <= N - n_gt))
-    slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+    sel, slot = _top_n(tl.where(ok, sc, float("-inf")), ok, N)
     tl.store(out_base + slot * so2, blk2.to(tl.int32), mask=sel)
 
 
@@ -332,7 +355,6 @@ def _hip_mask_body(
             tl.store(hi_s + ar, hi, mask=ar < N)
             rounds, exact = _halving_rounds(count, N, EXACT)
             CH: tl.constexpr = KROWS // BK
-            ci2 = tl.arange(0, 2 * N_PAD)
             for _r in range(rounds):
                 tl.debug_barrier()
                 # ---- score the 2N halves, KROWS key rows (CH candidates x BK keys) at a time
@@ -345,24 +367,7 @@ def _hip_mask_body(
                     tl.store(sc_s + cc, cs, mask=cc < 2 * N)
                 tl.debug_barrier()
                 # ---- keep the N best halves (ties: lower position first), in position order
-                cvalid = ci2 < 2 * N
-                sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"))
-                gi2 = ci2 // 2
-                side2 = ci2 % 2
-                l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
-                h2 = tl.load(hi_s + gi2, mask=cvalid, other=1)
-                split2 = h2 - l2 > 1
-                mid2 = (l2 + h2) // 2
-                clo2 = tl.where(side2 == 1, mid2, l2)
-                chi2 = tl.where(side2 == 1, h2, tl.where(split2, mid2, h2))
-                srt = tl.sort(sc, descending=True)
-                thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
-                gt = sc > thr
-                n_gt = tl.sum(gt.to(tl.int32), axis=0)
-                eq = (sc == thr) & cvalid
-                eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-                sel = gt | (eq & (eq_rank <= N - n_gt))
-                slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD)
                 tl.debug_barrier()
                 tl.store(lo_s + slot, clo2, mask=sel)
                 tl.store(hi_s + slot, chi2, mask=sel)
@@ -532,25 +537,7 @@ def _hip_mask_round_body(
         elif done == nch - 1:
             tl.debug_barrier()
             tl.store(cnt_ptr + pid, 0)
-            ci2 = tl.arange(0, 2 * N_PAD)
-            cvalid = ci2 < 2 * N
-            sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
-            gi2 = ci2 // 2
-            side2 = ci2 % 2
-            l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
-            h2 = tl.load(hi_s + gi2, mask=cvalid, other=1)
-            split2 = h2 - l2 > 1
-            mid2 = (l2 + h2) // 2
-            clo2 = tl.where(side2 == 1, mid2, l2)
-            chi2 = tl.where(side2 == 1, h2, tl.where(split2, mid2, h2))
-            srt = tl.sort(sc, descending=True)
-            thr = tl.max(tl.where(ci2 == N - 1, srt, float("-inf")), axis=0)
-            gt = sc > thr
-            n_gt = tl.sum(gt.to(tl.int32), axis=0)
-            eq = (sc == thr) & cvalid
-            eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
-            sel = gt | (eq & (eq_rank <= N - n_gt))
-            slot = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+            sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD)
             if rnd == rounds + exact - 1:
                 row = tl.load(out_row_ptr + qb).to(tl.int64)
                 tl.store(out_ptr + row * so0 + h * so1 + slot * so2, clo2.to(tl.int32), mask=sel)
