@@ -37,6 +37,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # runtime arguments that Triton does not specialize on (``do_not_specialize``), never constexprs: one compiled
 # kernel serves every batch, so a batch of a new size never stalls a serving step on a JIT compile (vLLM's
 # jit_monitor flagged exactly that on the H200: _hip_mask_kernel / _hip_attn_kernel compiled mid-run).
+# The host tier's offset from the device cache (``hk_off``/``hv_off``) is an address difference: its width and
+# divisibility depend on where the allocator put two tensors, so the tiered kernels take it as an unspecialized
+# ``tl.int64`` (on the H200 the warm-up's tiny host tier and the offload manager's differed, and the first
+# offloaded step compiled a fourth variant).
 MAX_SPLITS = 32  # split-K bound for decode; also the merge kernel's fixed tile
 
 
@@ -145,13 +149,13 @@ def _kv_write_kernel(
                    D=D, DV=DV, BD=BD, BDV=BDV, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["n_dev"])
+@triton.jit(do_not_specialize=["n_dev", "hk_off", "hv_off"])
 def _kv_write_kernel_tiered(
     key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr,
     sk0, sk1, sk2, sv0, sv1, sv2,
     skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
     page_size,
-    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
     D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
 ):
     _kv_write_body(key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sk2, sv0, sv1, sv2,
@@ -408,7 +412,7 @@ def _hip_mask_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
-@triton.jit(do_not_specialize=["sbt0", "n_dev"])
+@triton.jit(do_not_specialize=["sbt0", "n_dev", "hk_off"])
 def _hip_mask_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -416,7 +420,7 @@ def _hip_mask_kernel_tiered(
     score_ptr, lo_ptr, hi_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size,
-    hk_off, shk0, shk1, shk2, shk3, n_dev,
+    hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -568,7 +572,7 @@ def _hip_mask_round_kernel(
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
 
 
-@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev"])
+@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off"])
 def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -576,7 +580,7 @@ def _hip_mask_round_kernel_tiered(
     score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
-    hk_off, shk0, shk1, shk2, shk3, n_dev,
+    hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -812,14 +816,14 @@ def _hip_attn_kernel(
         UPCAST=UPCAST, TIERED=False)
 
 
-@triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev"])
+@triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev", "hk_off", "hv_off"])
 def _hip_attn_kernel_tiered(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
     o_ptr, po_ptr, plse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
     QB, T, Hq, sink_tokens, page_size, qk_scale,
-    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):

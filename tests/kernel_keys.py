@@ -14,7 +14,9 @@ import torch
 MODULES = ("vllm_hip.kernels.triton_hip", "vllm_hip.kernels.decode_plan", "vllm_hip.kernels.page_swap")
 
 
-def arg_key(v, specialize: bool):
+def arg_key(v, specialize: bool, annotation: str = ""):
+    if annotation in ("int64", "tl.int64") and isinstance(v, int):  # typed by its annotation, as Triton does
+        return ("int", True, v == 1, v % 16 == 0) if specialize else ("int", True)
     if isinstance(v, torch.Tensor):
         return ("ptr", str(v.dtype), v.data_ptr() % 16 == 0 if specialize else None)
     if isinstance(v, bool):
@@ -43,6 +45,7 @@ class Recorder:
         self.names = list(params)
         self.const = {n for n, p in params.items() if "constexpr" in str(p.annotation)}
         self.free = not_specialized(kernel)
+        self.annotation = {n: str(p.annotation) for n, p in params.items()}
 
     def key(self, args, kw) -> tuple:
         bound = dict(zip(self.names, args), **kw)
@@ -51,7 +54,7 @@ class Recorder:
             if n in self.const or n not in self.names:  # constexpr or launch option
                 parts.append((n, "value", repr(v)))
             else:
-                parts.append((n, *arg_key(v, n not in self.free)))
+                parts.append((n, *arg_key(v, n not in self.free, self.annotation[n])))
         return tuple(parts)
 
     def __getitem__(self, grid):
