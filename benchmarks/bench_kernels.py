@@ -22,6 +22,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.reference import make_query_blocks, num_rounds, window_starts  # noqa: E402
 from kernels.triton_hip import hip_attention, hip_mask  # noqa: E402
+from vllm_hip.config import HipConfig  # noqa: E402  (the defaults the backend runs with; imports no vLLM)
 
 try:
     from vllm.vllm_flash_attn import flash_attn_varlen_func
@@ -90,6 +91,8 @@ def main():
     ap.add_argument("--lengths", default="8192,32768,131072,524288,1048576")
     ap.add_argument("--prefill-max", type=int, default=1048576)
     ap.add_argument("--extra-bk", default="")
+    ap.add_argument("--exact-blocks", type=int, default=HipConfig().mask_exact_blocks,
+                    help="hip.mask_exact_blocks (default: the backend's); 1 = plain v3 halving to single blocks")
     ap.add_argument("--fa3-from", default=None, help="earlier bench log: take FA3 times from it when FA3 is absent")
     ap.add_argument("--sweep", action="store_true", help="also sweep split-K (decode) and block_n (prefill)")
     args = ap.parse_args()
@@ -98,7 +101,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     log(f"# bench_kernels  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  GPU: {props.name} "
         f"({props.multi_processor_count} SMs)  torch {torch.__version__}  triton {triton.__version__}  FA3: {HAVE_FA}")
-    log(f"# Llama-3.1-8B layer: Hq={HQ} Hkv={HKV} D={D} bf16, page {PAGE}; HiP k={K_TOK} (bk={bk}, n={n}), "
+    log(f"# Llama-3.1-8B layer: Hq={HQ} Hkv={HKV} D={D} bf16, page {PAGE}; HiP k={K_TOK} (bk={bk}, n={n}, exact {args.exact_blocks}), "
         f"sink={SINK}, window={WINDOW}; prefill bq={bq}, query_stride={stride}; decode mask bq=1")
     ceil = copy_ceiling()
     log(f"# copy ceiling (device-to-device, read+write): {ceil:.0f} GB/s")
@@ -134,7 +137,8 @@ def main():
         ws = window_starts(qb[3], WINDOW, bk_)
         idx = torch.full((B, HKV, n_), -1, dtype=torch.int32, device=dev)
         out = torch.empty_like(q)
-        mk = dict(n_select=n_, block_size_q=1, block_size_k=bk_, sink_tokens=SINK, query_stride=1)
+        mk = dict(n_select=n_, block_size_q=1, block_size_k=bk_, sink_tokens=SINK, query_stride=1,
+                  exact_blocks=args.exact_blocks)
         ak = dict(sink_tokens=SINK, block_size_k=bk_, scale=scale)
 
         def refresh():
@@ -207,7 +211,8 @@ def main():
         QB = qb[0].shape[0]
         idx = torch.full((QB, HKV, n), -1, dtype=torch.int32, device=dev)
         out = torch.empty_like(q)
-        mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=SINK, query_stride=stride)
+        mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=SINK, query_stride=stride,
+              exact_blocks=args.exact_blocks)
         ak = dict(sink_tokens=SINK, block_size_k=bk, scale=scale, block_size_q=bq)
         reps = 3 if T >= 524288 else None
         t_mask = bench_plain(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, **mk), reps)

@@ -12,6 +12,8 @@ def reference_fa(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen
     for r in range(cu_seqlens_q.numel() - 1):
         q0, q1 = int(cu_seqlens_q[r]), int(cu_seqlens_q[r + 1])
         n = q1 - q0
+        # FlashAttention's contract: it sizes its grid from max_seqlen_k and reads no key past it
+        assert int(seqused_k[r]) <= int(max_seqlen_k), f"seqused_k {int(seqused_k[r])} > max_seqlen_k {max_seqlen_k}"
         L = min(int(max_seqlen_k), block_table.shape[1] * k.shape[1]) if use_max_len else int(seqused_k[r])
         if L == 0:
             out[q0:q1] = 0

@@ -382,9 +382,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
     def _decode_rows_fa(self, cm, n: int, seqused_k: torch.Tensor) -> DensePrefill:
         """The step's ``n`` decode rows as one FlashAttention call (one query token per request), each reading
         ``seqused_k`` keys (0: none). Persistent tensors and a static ``max_seqlen_k`` only, so a captured decode
-        graph replays it with this step's values."""
+        graph replays it with this step's values. Rows handed over are at most ``hip.dense_below_seq_len`` long,
+        which bounds ``max_seqlen_k``: FlashAttention sizes its split-K grid from it, and with the model's length
+        (128K+) every HiP layer paid ~30 us on the H200 for a call with no rows at all."""
+        max_k = min(self._max_model_len, self.cfg.dense_below_seq_len)
         return DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1], seqused_k=seqused_k,
-                            block_table=cm.block_table_tensor[:n], max_seqlen_q=1, max_seqlen_k=self._max_model_len,
+                            block_table=cm.block_table_tensor[:n], max_seqlen_q=1, max_seqlen_k=max_k,
                             all_layers=False)
 
     def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table, rows_fa: bool) -> QueryBlocks:
