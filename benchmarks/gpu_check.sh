@@ -12,7 +12,7 @@
 # bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
-# longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1M tokens; LONGEST_HOST_GIB).
+# longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1.4M tokens; LONGEST_HOST_GIB, default 72).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 # profile     HIP alone at 6 x 128K with --profile: torch profiler (kernels, ops) and cProfile (plain Python) tables of
 #             the decode steps, for the host time the step spends outside GPU kernels (BENCHMARKS.md §2). Not in
@@ -22,8 +22,9 @@
 # after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
 # wait`; not a `pgrep -f` loop, which matches its own shell and waits forever; `vllm` needs .cache/corpus and the
 # tiny model carried: 171 s and 192 s side by side on the H200, the 18 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
-# `throughput` (454 s), `offload` (HIP vs HIP_OFFLOAD only: ~7 min; then LONGEST in its own command with
-# `gpu_check.sh longest`), `bench serve` (~6 min). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
+# `throughput` (382 s on 2026-11-30, detokenize off), `offload` (HIP vs HIP_OFFLOAD only: ~7 min), `longest` in its own
+# command (LONGEST=1400000 LONGEST_HOST_GIB=72: 523 s, the most this machine holds), `profile` (158 s), `bench` (72 s),
+# `serve` (~6 min); `kernels` takes ~4 min. SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
 # two commands); set SMOLLM2_GGUF to the joined file for `install`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +59,8 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
     offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
                --offload-reqs 6 --max-seqs 6 --only-full --log "$OUT/offload.jsonl" 2>&1 | tee "$OUT/bench_offload.log" | tail -12
              ;;
-    longest) python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1048576} --output-len 64 \
-               --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-58}}" \
+    longest) python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1400000} --output-len 64 \
+               --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-72}}" \
                --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
     profile) python3 benchmarks/bench_throughput.py --backends HIP --lengths 131072 --max-seqs 6 --only-full \
                --output-len 96 --profile "$OUT" --log "$OUT/profile.jsonl" 2>&1 | tee "$OUT/bench_profile.log" | tail -6 ;;
