@@ -9,7 +9,8 @@
 # vllm        HIP inside vLLM on the GPU (tests/test_gpu_vllm.py): equality with FLASH_ATTN, CUDA graphs,
 #             SmolLM2 passkey, no Triton compile while serving, offload equality. HIP_GPU_JOBS=a,b runs only
 #             those engine jobs (a developer shortcut when device time is short; the other tests skip).
-# bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention).
+# bench       benchmarks/bench_kernels.py (single-layer kernels vs dense FlashAttention), with the backend's selection
+#             and again with plain v3 (exact_blocks 1) at three lengths, for the exact stage's cost.
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
 # longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1.4M tokens; LONGEST_HOST_GIB, default 72).
@@ -53,7 +54,10 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
                tests/test_kv_residency.py tests/test_decode_plan.py tests/test_compile_kernels.py \
                tests/test_kernel_specialization.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
-    bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40 ;;
+    bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+           # the same decode and 128K prefill with plain v3 (hip.mask_exact_blocks 1): what the exact stage costs
+           python3 benchmarks/bench_kernels.py --exact-blocks 1 --lengths 8192,131072,1048576 --prefill-max 131072 2>&1 \
+             | tee "$OUT/bench_kernels_exact1.log" | tail -12 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;
     offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
