@@ -98,6 +98,7 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     start = len(log)
     dev = torch.zeros(G, page, Hkv, 2 * hs, device=dev_t).transpose(1, 2)  # vLLM's per-layer tensor, logical view
     tiers = HostTiers(cfg, {"model.layers.5.attn": dev}, page, dev_t, write_moves=8)
+    tiers.host_kv["model.layers.5.attn"].zero_()  # allocated empty: garbage would overflow the interpreter's matmul
     hk, hv = tiers.host_kv["model.layers.5.attn"].transpose(1, 2).split(hs, -1)
     dk, dv = dev.transpose(1, 2).split(hs, -1)
     g = torch.Generator().manual_seed(0)
