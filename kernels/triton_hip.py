@@ -208,6 +208,16 @@ def _halves(lo_s, hi_s, ci, cv):
 
 
 @triton.jit
+def _exact_blocks(lo_s, hi_s, ci, N: tl.constexpr, EXACT: tl.constexpr):
+    """Candidate ``ci`` of the exact round: block ``lo[ci // EXACT] + ci % EXACT``, valid below that group's ``hi``."""
+    cv = ci < N * EXACT
+    l = tl.load(lo_s + ci // EXACT, mask=cv, other=0)
+    hh = tl.load(hi_s + ci // EXACT, mask=cv, other=0)
+    blk = l + ci % EXACT
+    return blk, cv & (blk < hh)
+
+
+@triton.jit
 def _top_n(sc, ok, N: tl.constexpr):
     """The ``N`` best valid scores of ``sc`` (ties: lower index first): the mask of those kept and each one's
     rank in index order (its output slot)."""
@@ -249,12 +259,7 @@ def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c
         clo, chi, valid = _halves(lo_s, hi_s, ci, ci < 2 * N)
         blk = tl.where(valid, (clo + chi - 1) // 2, clo)
     else:
-        cv = ci < N * EXACT
-        gi = ci // EXACT
-        l = tl.load(lo_s + gi, mask=cv, other=0)
-        hh = tl.load(hi_s + gi, mask=cv, other=0)
-        blk = l + ci % EXACT
-        valid = cv & (blk < hh)
+        blk, valid = _exact_blocks(lo_s, hi_s, ci, N=N, EXACT=EXACT)
     pos = tl.where(valid, blk * BK + kr % BK, 0)
     phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
     if TIERED:
@@ -279,13 +284,8 @@ def _exact_select(sc_s, lo_s, hi_s, out_base, so2, N: tl.constexpr, N_PAD: tl.co
     """Exact round's selection: the N best of the N * EXACT scored blocks (ties: lower position first), written
     to ``out_base`` in position order."""
     ci2 = tl.arange(0, E_PAD * N_PAD)
-    cvalid = ci2 < N * EXACT
-    gi2 = ci2 // EXACT
-    l2 = tl.load(lo_s + gi2, mask=cvalid, other=0)
-    h2 = tl.load(hi_s + gi2, mask=cvalid, other=0)
-    blk2 = l2 + ci2 % EXACT
-    ok = cvalid & (blk2 < h2)
-    sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
+    blk2, ok = _exact_blocks(lo_s, hi_s, ci2, N=N, EXACT=EXACT)
+    sc = tl.load(sc_s + ci2, mask=ci2 < N * EXACT, other=float("-inf"), cache_modifier=".cg")
     sel, slot = _top_n(tl.where(ok, sc, float("-inf")), ok, N)
     tl.store(out_base + slot * so2, blk2.to(tl.int32), mask=sel)
 
