@@ -15,14 +15,13 @@ MODULES = ("vllm_hip.kernels.triton_hip", "vllm_hip.kernels.decode_plan", "vllm_
 
 
 def arg_key(v, specialize: bool, annotation: str = ""):
-    if annotation in ("int64", "tl.int64") and isinstance(v, int):  # typed by its annotation, as Triton does
-        return ("int", True, v == 1, v % 16 == 0) if specialize else ("int", True)
     if isinstance(v, torch.Tensor):
         return ("ptr", str(v.dtype), v.data_ptr() % 16 == 0 if specialize else None)
     if isinstance(v, bool):
         return ("bool", v if specialize else None)
     if isinstance(v, int):
-        wide = not -(2 ** 31) <= v < 2 ** 31
+        # a tl.int64 annotation types the argument whatever its value, as Triton does
+        wide = annotation in ("int64", "tl.int64") or not -(2 ** 31) <= v < 2 ** 31
         return ("int", wide, v == 1, v % 16 == 0) if specialize else ("int", wide)
     if isinstance(v, float):
         return ("float",)
