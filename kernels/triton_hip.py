@@ -599,7 +599,7 @@ def hip_mask(
     q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *,
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
     exact_blocks: int = 1, out=None, out_row=None, active=None, single_launch: bool | None = None,
-    host_k_cache=None,
+    host_k_cache=None, programs: int | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -611,7 +611,8 @@ def hip_mask(
     fewer rounds exit early), each round scored by many programs per (qb, head). ``single_launch=True``: all
     rounds in one program per (qb, head) (identical result; 12x slower for decode batch 1, ~12% faster for
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
-    ``host_k_cache``: host tier of a two-tier cache (module docstring).
+    ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
+    in each round of the per-round path (default: enough for ~16 per SM); a tuning knob for benchmarks.
     """
     QB = qb_req.shape[0]
     T, Hq, D = q.shape
@@ -680,7 +681,7 @@ def hip_mask(
     )
     ch = krows // bk
     total_chunks = _cdiv(2 * n, ch)
-    nch = max(1, min(total_chunks, _cdiv(16 * _num_sms(dev), QB * Hkv)))
+    nch = max(1, min(total_chunks, programs or _cdiv(16 * _num_sms(dev), QB * Hkv)))
     cpp = _cdiv(total_chunks, nch)
     nch = _cdiv(total_chunks, cpp)
     # Arguments shared by every round, built once (this wrapper runs per layer per step in eager steps).

@@ -20,6 +20,13 @@ def test_json_text_and_dict_agree():
     )
 
 
+def test_prefill_threshold_follows_the_decode_threshold_unless_set():
+    assert HipConfig.from_dict({"dense_below_seq_len": 16384}).prefill_dense_below == 16384
+    assert HipConfig.from_dict({"dense_below_seq_len": 16384,
+                                "prefill_dense_below_seq_len": 32768}).prefill_dense_below == 32768
+    assert HipConfig.from_dict({"prefill_dense_below_seq_len": 32768}).dense_below_seq_len == 0
+
+
 def test_frozen():
     c = HipConfig()
     with pytest.raises(Exception):
@@ -41,6 +48,9 @@ def test_frozen():
         ({"dense_layers": 3}, r"dense_layers must be a list"),
         ({"dense_layers": [-1]}, r"non-negative"),
         ({"mask_refresh_interval": 0}, r"mask_refresh_interval must be > 0"),
+        ({"prefill_dense_below_seq_len": -1}, r"hip.prefill_dense_below_seq_len must be >= 0"),
+        ({"dense_below_seq_len": 4096, "prefill_dense_below_seq_len": 1024},
+         r"prefill_dense_below_seq_len \(1024\) must be 0 or at least hip.dense_below_seq_len \(4096\)"),
         ({"mask_exact_blocks": 0}, r"mask_exact_blocks must be > 0"),
         ({"mask_exact_blocks": 6}, r"mask_exact_blocks must be a power of two up to 16, got 6"),
         ({"mask_exact_blocks": 32}, r"mask_exact_blocks must be a power of two up to 16, got 32"),

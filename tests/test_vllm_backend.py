@@ -169,3 +169,17 @@ def test_short_decode_rows_go_to_flash_attention(tiny_model, prompts):
     got = run_vllm(dict(spec, fake_flash_attn=True))
     assert got["fa_decode_calls"] > 0 and got["fa_decode_rows"] > 0
     assert got["tokens"] == want
+
+
+def test_prefill_threshold_keeps_prompts_dense_while_decode_prunes(tiny_model, prompts, dense_chunked):
+    """hip.prefill_dense_below_seq_len above every prompt (hip.dense_below_seq_len 0): every prefill chunk attends
+    all its causal keys and gives dense's first token, while decode of the long prompts still prunes. Without it
+    the same prompts are pruned in prefill too (the control)."""
+    spec = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, record_stats=True, prefill_dense_below_seq_len=2048),
+                 prompts, max_num_batched_tokens=128)
+    got = run_vllm(spec)
+    assert got["attended"]["prefill"] == 1.0
+    assert got["attended"]["decode"] < 0.9
+    assert [t[0] for t in got["tokens"]] == [t[0] for t in dense_chunked]
+    control = run_vllm(dict(spec, hip=dict(HIP_ACTIVE, record_stats=True)))
+    assert control["attended"]["prefill"] < 0.9

@@ -12,6 +12,7 @@ kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
 ``fake_flash_attn`` (with ``force_triton``): a torch stand-in for vLLM's FlashAttention (tests/flash_attn_ref.py),
 accepting fp32, so the backend's FlashAttention paths run on CPU; the result counts its decode-shaped calls and
 the rows they served (``fa_decode_calls``, ``fa_decode_rows``).
+``hip.record_stats``: the result carries ``attended``, the fraction of causal keys attended in prefill and decode.
 ``kernel_keys`` (with ``force_triton``): record every kernel launch's compile key (tests/kernel_keys.py) and
 report, as ``new_kernel_variants``, launches after start-up that would compile a new kernel on a GPU.
 """
@@ -90,6 +91,11 @@ def run(spec: dict) -> dict:
     result = {"tokens": tokens, "startup_s": round(startup, 1), "run_s": round(time.time() - t0, 1)}
     if spec.get("fake_flash_attn"):
         result.update(fa_counts)
+    if (spec.get("hip") or {}).get("record_stats"):  # counted in this process (no engine multiprocessing)
+        from vllm_hip import stats
+
+        frac = stats.attended_fraction()
+        result["attended"] = {k: frac[k] for k in ("prefill", "decode")}
     if spec.get("kernel_keys"):
         import kernel_keys
 

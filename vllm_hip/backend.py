@@ -114,7 +114,7 @@ class QueryBlocks:
 @dataclass
 class DensePrefill:
     """The prefill (or decode) requests of a step as one FlashAttention varlen call: used by the dense layers,
-    and for prefill by every layer when all prefill requests are at most ``hip.dense_below_seq_len`` long.
+    and for prefill by every layer when all prefill requests are at most ``hip.prefill_dense_below_seq_len`` long.
     Decode requests come first and prefill requests follow (the builder asks vLLM to reorder), so each kind is
     one contiguous run of rows and tokens: ``token_start`` to ``token_end`` (None: to the end)."""
 
@@ -193,8 +193,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             if why_not:  # same (dense) result, from the slower Triton kernel: say so
                 logger.warning("HIP: dense attention stays on the Triton kernel: %s", why_not)
             else:
-                logger.info("HIP: dense attention (hip.dense_layers; requests at or below hip.dense_below_seq_len, "
-                            "prefill and decode) runs on vLLM's FlashAttention")
+                logger.info("HIP: dense attention (hip.dense_layers; prefill at or below "
+                            "hip.prefill_dense_below_seq_len, decode at or below hip.dense_below_seq_len) runs on "
+                            "vLLM's FlashAttention")
         # Decode rows at or below hip.dense_below_seq_len in HiP layers: FlashAttention too (one more launch per
         # layer and step; the HiP kernels skip those rows). Offloaded layers have host pages FA cannot address.
         self._dense_rows_fa = self._fa_ok and self.cfg.dense_below_seq_len > 0 and not self.cfg.offload.enabled
@@ -367,7 +368,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             return None
         seq_host = compat.seq_lens_host(cm)[p0:p1]
         t0 = int(qsl_cpu[p0])
-        below = self.cfg.dense_below_seq_len
+        below = self.cfg.prefill_dense_below
         return DensePrefill(
             token_start=t0,
             cu_seqlens_q=self._h2d(qsl_cpu[p0:p1 + 1] - t0),
@@ -423,8 +424,8 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         host = torch.stack([req, start, qb_len.long(), qb_pos0.long()])
         req_d, start_d, len_d, pos0_d = self._h2d_rows(host)
         ws = window_starts(pos0_d, cfg.sliding_window, cfg.block_size_k)
-        if cfg.dense_below_seq_len:
-            ws = torch.where(seq_lens[req_d.long()] <= cfg.dense_below_seq_len, torch.zeros_like(ws), ws)
+        if cfg.prefill_dense_below:
+            ws = torch.where(seq_lens[req_d.long()] <= cfg.prefill_dense_below, torch.zeros_like(ws), ws)
         return QueryBlocks(
             req=req_d, start=start_d, length=len_d, pos0=pos0_d, window_start=ws,
             dense_window_start=torch.zeros_like(ws),

@@ -70,6 +70,11 @@ class HipConfig:
     dense_below_seq_len: int = 0
     """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes.
     On CUDA (fp16/bf16) vLLM's FlashAttention serves them, prefill and decode, unless KV offload is on."""
+    prefill_dense_below_seq_len: int = 0
+    """Prefill only: a prompt chunk whose request reaches at most this many tokens with it attends densely;
+    0 = ``dense_below_seq_len``, otherwise at least that. Decode keeps ``dense_below_seq_len``. On an H200, HiP's
+    prefill kernels beat FlashAttention-3 only past ~32K tokens per 16K chunk (~64K for a whole prompt) while HiP
+    decode wins from ~16K (BENCHMARKS.md), so GPU servers want a higher threshold here than for decode."""
     mask_refresh_interval: int = 8
     """A request re-estimates its decode mask at its first decode step and whenever its length reaches a
     multiple of this (1 = every step): at most this many steps share one mask, and requests of different lengths
@@ -79,6 +84,11 @@ class HipConfig:
     record_stats: bool = False
     """Count attended vs causal keys per layer (``vllm_hip.stats``); adds small device ops per layer."""
     offload: HipOffloadConfig = field(default_factory=HipOffloadConfig)
+
+    @property
+    def prefill_dense_below(self) -> int:
+        """The effective prefill threshold (``prefill_dense_below_seq_len``, or ``dense_below_seq_len`` if 0)."""
+        return self.prefill_dense_below_seq_len or self.dense_below_seq_len
 
     @property
     def n_select(self) -> int:
@@ -136,9 +146,15 @@ class HipConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HipConfigError(f"hip.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("sink_tokens", "sliding_window", "dense_below_seq_len", "mask_cache_slots"):
+        for name in ("sink_tokens", "sliding_window", "dense_below_seq_len", "prefill_dense_below_seq_len",
+                     "mask_cache_slots"):
             if getattr(self, name) < 0:
                 raise HipConfigError(f"hip.{name} must be >= 0, got {getattr(self, name)}")
+        if 0 < self.prefill_dense_below_seq_len < self.dense_below_seq_len:
+            raise HipConfigError(
+                f"hip.prefill_dense_below_seq_len ({self.prefill_dense_below_seq_len}) must be 0 or at least "
+                f"hip.dense_below_seq_len ({self.dense_below_seq_len}): prompts that short decode densely anyway; "
+                f"set it to 0 to follow dense_below_seq_len")
         bk = self.block_size_k
         if bk & (bk - 1):
             raise HipConfigError(f"hip.block_size_k must be a power of two, got {bk}")
