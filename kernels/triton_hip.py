@@ -220,13 +220,21 @@ def _exact_blocks(lo_s, hi_s, ci, N: tl.constexpr, EXACT: tl.constexpr):
 @triton.jit
 def _top_n(sc, ok, N: tl.constexpr):
     """The ``N`` best valid scores of ``sc`` (ties: lower index first): the mask of those kept and each one's
-    rank in index order (its output slot)."""
-    ci = tl.arange(0, sc.shape[0])
-    srt = tl.sort(sc, descending=True)
-    thr = tl.max(tl.where(ci == N - 1, srt, float("-inf")), axis=0)
-    gt = sc > thr
+    rank in index order (its output slot).
+
+    The N-th largest score is found bit by bit on an order-preserving integer image of the floats (32 counts
+    over the vector) rather than by sorting it: a bitonic sort of the exact round's 2,048 scores in one program
+    was the serial tail of every search round."""
+    bits = (sc + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, equal as floats, so as keys
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
+    thr = tl.zeros((), tl.int64)
+    for b in tl.static_range(32):  # the largest t with at least N keys >= t: the N-th largest key
+        cand = thr + (1 << (31 - b))
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= N, cand, thr)
+    gt = key > thr
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
-    eq = (sc == thr) & ok
+    eq = (key == thr) & ok
     eq_rank = tl.cumsum(eq.to(tl.int32), axis=0)
     sel = gt | (eq & (eq_rank <= N - n_gt))
     return sel, tl.cumsum(sel.to(tl.int32), axis=0) - 1

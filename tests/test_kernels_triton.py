@@ -66,6 +66,70 @@ def _problem(seq_lens, q_lens, Hq, Hkv, D, page, dtype, seed, spare_blocks=3):
     return q, kc, vc, bt, qsl, seq
 
 
+# ---------------------------------------------------------------------------------------------- top-n
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _top_n_probe(sc_ptr, ok_ptr, sel_ptr, slot_ptr, L: tl.constexpr, N: tl.constexpr):
+    i = tl.arange(0, L)
+    sel, slot = th._top_n(tl.load(sc_ptr + i), tl.load(ok_ptr + i) != 0, N)
+    tl.store(sel_ptr + i, sel.to(tl.int32))
+    tl.store(slot_ptr + i, slot)
+
+
+def _top_n_expected(sc, ok, n):
+    """Keep the n largest of sc (all entries ranked, invalid ones too, as the kernels' -inf scores are), ties
+    by lower index, but only valid entries among those tied with the n-th; slot = rank in index order."""
+    order = sorted(range(len(sc)), key=lambda i: (-sc[i], i))
+    thr = sc[order[n - 1]]
+    gt = [v > thr for v in sc]
+    room = n - sum(gt)
+    sel = []
+    for i, v in enumerate(sc):
+        take = gt[i] or (v == thr and ok[i] and room > 0)
+        room -= int(v == thr and ok[i] and not gt[i] and take)
+        sel.append(take)
+    slots = [sum(sel[:i]) for i in range(len(sc))]
+    return sel, slots
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_n_keeps_the_n_best_with_ties_signed_zeros_and_minus_inf(seed):
+    """The in-kernel top-n that every search round uses: planted ties (repeated values straddling the n-th),
+    -0.0 next to +0.0, -inf entries and invalid slots, against a plain Python ranking."""
+    g = torch.Generator().manual_seed(seed)
+    L, n = 64, 16
+    sc = torch.randn(L, generator=g)
+    sc[torch.randperm(L, generator=g)[:6]] = float("-inf")
+    sc[10] = -3e38
+    # ties straddling the n-th place: n - 3 scores above v, then v at 7+ places
+    v = 0.0 if seed == 1 else float(sc.sort(descending=True).values[n - 3])
+    if seed == 1:  # v = 0: n - 3 positives, zeros of both signs after them
+        sc = torch.where(sc > 0, -sc.abs() - 1, sc)
+        sc[torch.randperm(L, generator=g)[: n - 3]] = torch.rand(n - 3, generator=g) + 1
+    below = torch.nonzero((sc < v) & (sc > float("-inf"))).flatten()
+    tied = below[torch.randperm(below.numel(), generator=g)[:7]]
+    sc[tied] = v
+    if seed == 1:
+        sc[tied[::2]] = -0.0
+    ok = (sc > float("-inf")) & (torch.rand(L, generator=g) > 0.1)
+    if seed == 3:  # fewer valid than n: the n-th is -inf and only valid -inf entries fill
+        sc[n // 2:] = float("-inf")
+        ok[:] = True
+    sel = torch.empty(L, dtype=torch.int32, device=DEV)
+    slot = torch.empty(L, dtype=torch.int32, device=DEV)
+    _top_n_probe[(1,)](sc.to(DEV), ok.to(torch.int32).to(DEV), sel, slot, L=L, N=n)
+    want_sel, want_slot = _top_n_expected([float(x) if x != 0 else 0.0 for x in sc], ok.tolist(), n)
+    if seed < 3:  # the planted ties straddle the n-th place
+        assert sum(x > v for x in sc.tolist()) < n < sum(x >= v for x in sc.tolist())
+    got_sel = [bool(v) for v in sel.cpu().tolist()]
+    assert got_sel == want_sel
+    assert sum(got_sel) == n
+    assert [s for s, k in zip(slot.cpu().tolist(), got_sel) if k] == [s for s, k in zip(want_slot, want_sel) if k]
+
+
 # ---------------------------------------------------------------------------------------------- kv_write
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("page", [16, 64])
