@@ -29,7 +29,7 @@ from vllm_hip.kernels import triton_hip as th  # noqa: E402
 
 POINTERS = {n: "*i32" for n in ("bt_ptr", "qb_req_ptr", "qb_start_ptr", "qb_len_ptr", "ws_ptr", "out_ptr", "out_row_ptr",
                                 "lo_ptr", "hi_ptr", "lo_in", "hi_in", "lo_out", "hi_out", "cnt_ptr")}
-POINTERS.update(q_ptr="*bf16", k_ptr="*bf16", score_ptr="*fp32", active_ptr="*i1")
+POINTERS.update(q_ptr="*bf16", k_ptr="*bf16", score_ptr="*fp32", active_ptr="*i1", hk_off="i64")
 
 
 def ptxas_report(jitfn, consts: dict, num_warps: int) -> str:
@@ -70,8 +70,9 @@ def main() -> None:
             consts = dict(G=4, D=128, N=n, N_PAD=n, BK=8, STRIDE=2, HAS_ACTIVE=True, IEEE=False, UPCAST=False,
                           EXACT=e, E_PAD=e, SC_W=max(2, e) * n, **shp)
             warps = 4 if shp["M_PAD"] * shp["KROWS"] <= 64 * 64 else 8
-            for kern in (th._hip_mask_round_kernel, th._hip_mask_kernel):
-                print(f"exact_blocks {e:>2}  {phase:<7}  {kern.fn.__name__:<24} {warps} warps: "
+            for kern in (th._hip_mask_round_kernel, th._hip_mask_kernel, th._hip_mask_round_kernel_tiered,
+                         th._hip_mask_kernel_tiered):
+                print(f"exact_blocks {e:>2}  {phase:<7}  {kern.fn.__name__:<31} {warps} warps: "
                       f"{ptxas_report(kern, consts, warps)}", flush=True)
 
 
