@@ -105,6 +105,9 @@ def main():
     ap.add_argument("--extra-bk", default="")
     ap.add_argument("--exact-blocks", type=int, default=HipConfig().mask_exact_blocks,
                     help="hip.mask_exact_blocks (default: the backend's); 1 = plain v3 halving to single blocks")
+    ap.add_argument("--norm-window", type=int, default=HipConfig().mask_kwargs["norm_window"],
+                    help="the mask's normalised score over sink + this many window keys (default: the backend's; "
+                         "0 = raw score). Every mask row also times the raw score, same run")
     ap.add_argument("--fa3-from", default=None, help="earlier bench log: take FA3 times from it when FA3 is absent")
     ap.add_argument("--sweep", action="store_true", help="also sweep split-K (decode) and block_n (prefill)")
     ap.add_argument("--decode-batches", default="1,16", help="decode batch sizes (6: the engine's 128K point)")
@@ -114,7 +117,7 @@ def main():
     props = torch.cuda.get_device_properties(0)
     log(f"# bench_kernels  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  GPU: {props.name} "
         f"({props.multi_processor_count} SMs)  torch {torch.__version__}  triton {triton.__version__}  FA3: {HAVE_FA}")
-    log(f"# Llama-3.1-8B layer: Hq={HQ} Hkv={HKV} D={D} bf16, page {PAGE}; HiP k={K_TOK} (bk={bk}, n={n}, exact {args.exact_blocks}), "
+    log(f"# Llama-3.1-8B layer: Hq={HQ} Hkv={HKV} D={D} bf16, page {PAGE}; HiP k={K_TOK} (bk={bk}, n={n}, exact {args.exact_blocks}, norm window {args.norm_window}), "
         f"sink={SINK}, window={WINDOW}; prefill bq={bq}, query_stride={stride}; decode mask bq=1")
     ceil = copy_ceiling()
     log(f"# copy ceiling (device-to-device, read+write): {ceil:.0f} GB/s")
@@ -151,7 +154,7 @@ def main():
         idx = torch.full((B, HKV, n_), -1, dtype=torch.int32, device=dev)
         out = torch.empty_like(q)
         mk = dict(n_select=n_, block_size_q=1, block_size_k=bk_, sink_tokens=SINK, query_stride=1,
-                  exact_blocks=args.exact_blocks)
+                  exact_blocks=args.exact_blocks, norm_window=args.norm_window)
         ak = dict(sink_tokens=SINK, block_size_k=bk_, scale=scale)
 
         def refresh():
@@ -166,6 +169,8 @@ def main():
 
         t_ref = bench_graph(refresh)
         t_mask = bench_graph(mask_only)
+        t_mask_raw = bench_graph(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx,
+                                                  **dict(mk, norm_window=0)))
         t_reuse = bench_graph(reuse)
         sel = int((idx[0, 0] >= 0).sum())
         attended = min(SINK, int(ws[0])) + (T - int(ws[0])) + sel * bk_
@@ -196,7 +201,7 @@ def main():
                    for p in (8, 16, 32, 64, 128)]
             log(f"  sweep T={T} B={B} mask us by programs per (request, head): " + ", ".join(res))
         log(f"decode{tag} T={T:>8} B={B:>2} bk={bk_:>2}: refresh {t_ref:8.1f} us (mask {t_mask:7.1f}, {rounds} rounds,"
-            f" {b_mask / t_mask / 1e3:5.0f} GB/s) | reuse {t_reuse:7.1f} us ({b_att / t_reuse / 1e3:5.0f} GB/s) | "
+            f" {b_mask / t_mask / 1e3:5.0f} GB/s; raw score {t_mask_raw:7.1f}) | reuse {t_reuse:7.1f} us ({b_att / t_reuse / 1e3:5.0f} GB/s) | "
             f"dense FA3 {t_fa:8.1f} us ({B * kv_bytes(T) / t_fa / 1e3:5.0f} GB/s), "
             f"ours-dense {t_own:8.1f} us ({B * kv_bytes(T) / t_own / 1e3:5.0f} GB/s) | speedup refresh "
             f"{dense / t_ref:5.1f}x reuse {dense / t_reuse:5.1f}x")
@@ -228,10 +233,12 @@ def main():
         idx = torch.full((QB, HKV, n), -1, dtype=torch.int32, device=dev)
         out = torch.empty_like(q)
         mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=SINK, query_stride=stride,
-              exact_blocks=args.exact_blocks)
+              exact_blocks=args.exact_blocks, norm_window=args.norm_window)
         ak = dict(sink_tokens=SINK, block_size_k=bk, scale=scale, block_size_q=bq)
         reps = 3 if T >= 524288 else None
         t_mask = bench_plain(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, **mk), reps)
+        t_mask_raw = bench_plain(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx,
+                                                  **dict(mk, norm_window=0)), reps)
         t_att = bench_plain(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, **ak), reps)
         # attended keys (exact count, from the mask) -> FLOPs of the sparse attention
         wsl = ws.long()
@@ -286,7 +293,8 @@ def main():
         elif math.isnan(dense):
             dense = t_sdpa
         t_tot = t_mask + t_att
-        log(f"prefill T={T:>8}: HiP {t_tot / 1e3:9.2f} ms (mask {t_mask / 1e3:8.2f} ms, attention {t_att / 1e3:8.2f} ms,"
+        log(f"prefill T={T:>8}: HiP {t_tot / 1e3:9.2f} ms (mask {t_mask / 1e3:8.2f} ms, raw score"
+            f" {t_mask_raw / 1e3:8.2f} ms, attention {t_att / 1e3:8.2f} ms,"
             f" {flops_hip / (t_att * 1e-6) / 1e12:5.0f} TFLOP/s) | FA3 {t_fa / 1e3:9.2f} ms, SDPA {t_sdpa / 1e3:9.2f} ms,"
             f" ours-dense {t_own / 1e3:9.2f} ms ({flops_dense / (t_own * 1e-6) / 1e12 if t_own == t_own else 0:4.0f}"
             f" TFLOP/s) | speedup {dense / t_tot:6.1f}x{est}")

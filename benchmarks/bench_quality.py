@@ -89,13 +89,6 @@ def run_child(spec: dict) -> dict:
     if is_hip:
         kw["attention_backend"] = "HIP"
         kw["additional_config"] = {"hip": dict(hip or {}, record_stats=True)}
-    if is_hip and spec.get("score", "plain") == "norm":  # experiment: per-head normalised selection score
-        import mask_variants
-        from vllm_hip import ops
-        from vllm_hip.config import HipConfig
-
-        window = HipConfig.from_dict(hip or {}).sliding_window
-        ops.ref.hip_mask_reference = mask_variants.normalised_in_engine(ops.ref.hip_mask_reference, window=window)
     t0 = time.time()
     llm = LLM(**kw)
     res = {"startup_s": round(time.time() - t0, 1)}
@@ -213,7 +206,7 @@ def cmd_vllm(a) -> dict:
     for backend in a.backends.split(","):
         hip = {} if backend == "hip-default" else a.hip
         spec = {"model": model, "backend": backend, "hip": hip, "passkey": passkey, "ppl": ppl_in,
-                "max_model_len": max_len, "dtype": a.dtype, "score": a.score,
+                "max_model_len": max_len, "dtype": a.dtype,
                 # Qwen's 152K vocabulary: 2,048-token chunks keep a chunk's prompt-logprob logits at ~1.2 GB
                 "max_num_batched_tokens": 2048 if a.model == "qwen" else None}
         t0 = time.time()
@@ -223,9 +216,8 @@ def cmd_vllm(a) -> dict:
         print(f"[bench_quality] {backend}: {json.dumps(brief)}", flush=True)
 
     lines = [header(a.cmdline), f"model: {Path(model).name}; HiP config: {json.dumps(a.hip)} (on top of HipConfig "
-             f"defaults); dtype {a.dtype}"
-             + ("; selection score: per-head normalised (experiment, CPU path)" if a.score == "norm" else ""), ""]
-    out = {"hip": a.hip, "score": a.score, "lengths": lengths, "depths": depths, "seeds": seeds, "results": {}}
+             f"defaults); dtype {a.dtype}", ""]
+    out = {"hip": a.hip, "lengths": lengths, "depths": depths, "seeds": seeds, "results": {}}
     if passkey:
         ok = {b: [assets.answer_ok(t, p["key"]) for t, p in zip(r["passkey"], passkey)] for b, r in results.items()}
         lines.append(f"(a) passkey accuracy (fraction of {len(seeds)} seed(s); prompt tokens "
@@ -448,9 +440,6 @@ def parse_args(argv=None):
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")
     ap.add_argument("--mask", choices=["v3", "oracle"], default="v3",
                     help="(c): the backend's selection (v3) or the exact top-n blocks (oracle, its ceiling)")
-    ap.add_argument("--score", choices=["plain", "norm"], default="plain",
-                    help="(a)/(b), HIP on the CPU: the backend's selection score, or the per-head normalised score "
-                         "of mask_variants.mask_oracle_norm (an experiment; patches the CPU path in the child)")
     ap.add_argument("--no-sim-ppl", dest="sim_ppl", action="store_false", help="(d): skip the HipSim perplexity")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)

@@ -152,26 +152,3 @@ def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start
     q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
                          sink_tokens=kw["sink_tokens"], window=window)
     return hip_mask_reference(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)
-
-
-def normalised_in_engine(select, *, window: int):
-    """``select`` (``hip_mask_reference``'s signature) run on the normalised score of ``mask_oracle_norm``, for use
-    inside vLLM's CPU engine (``bench_quality.py vllm --score norm`` patches the CPU path's selection with it).
-    ``_normalised`` widens the key cache by one dimension, so it runs on a compact copy holding only the pages of
-    the requests in this call (a whole engine cache per layer and step would be far too slow on the CPU)."""
-
-    def run(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, host_k_cache=None, **kw):
-        assert host_k_cache is None, "the normalised-score experiment does not support offload"
-        if qb_req.numel() == 0:
-            return select(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, **kw)
-        reqs = torch.unique(qb_req.long())
-        pages = torch.unique(block_table[reqs].long())
-        remap = torch.zeros(k_cache.shape[0], dtype=torch.long)
-        remap[pages] = torch.arange(pages.numel())
-        bt = torch.zeros_like(block_table, dtype=torch.long)
-        bt[reqs] = remap[block_table[reqs].long()]
-        q2, k2 = _normalised(q, k_cache[pages], bt, qb_req, qb_start, qb_len, window_start,
-                             sink_tokens=kw["sink_tokens"], window=window)
-        return select(q2, k2, bt, qb_req, qb_start, qb_len, window_start, **kw)
-
-    return run

@@ -153,7 +153,8 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if pruned.numel() == 0:
         return res
     sub = [t[pruned] for t in (qb_req, qb_start, qb_len, qb_pos0, ws)]
-    mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=cfg.mask_exact_blocks)
+    mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=cfg.mask_exact_blocks,
+                                           norm_window=cfg.mask_kwargs["norm_window"])
     idx = mask_fn(q, kc, bt, sub[0], sub[1], sub[2], sub[4], n_select=n,
                              block_size_q=cfg.block_size_q, block_size_k=bk, sink_tokens=cfg.sink_tokens,
                              query_stride=cfg.query_stride)
@@ -213,9 +214,9 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: int | None = None) -> dict:
     """Decode with mask reuse, simulated on captured Q/K/V (teacher forcing).
 
-    The last ``steps`` positions act as decode queries (one token each). A mask is estimated at the first step
-    and wherever the length reaches a multiple of ``cfg.mask_refresh_interval``, from that step's query alone,
-    and reused until the next refresh,
+    The last ``steps`` positions act as decode queries (one token each). A mask is estimated at each of the
+    first ``cfg.mask_refresh_first_steps`` steps (at least the first) and wherever the length reaches a multiple
+    of ``cfg.mask_refresh_interval``, from that step's query alone, and reused until the next refresh,
     with the window start frozen at the refresh (as ``vllm_hip.mask_state`` does). Returns ``rel_l2`` and
     ``mass`` of the decode outputs vs dense, and ``recall_all``: per (step, head), the fraction of the ``topk``
     (default ``cfg.k``) highest-scoring keys that HiP attends (what ``layer_metrics`` measures for prefill
@@ -229,8 +230,10 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     kc, vc, bt = k[None], v[None], torch.zeros(1, 1, dtype=torch.int32)
     R = cfg.mask_refresh_interval
     pos = torch.arange(T - steps, T)
-    # position of the refresh each step reuses: the first decode step, then every length multiple of R
-    ref_pos = torch.clamp((pos + 1) // R * R - 1, min=T - steps)
+    # position of the refresh each step reuses: each of the first F decode steps, then every length multiple of R
+    F = max(1, cfg.mask_refresh_first_steps)
+    fresh = pos - (T - steps) < F
+    ref_pos = torch.where(fresh, pos, torch.clamp((pos + 1) // R * R - 1, min=T - steps + F - 1))
     ws = window_starts(ref_pos, cfg.sliding_window, bk)
     one = torch.ones_like(pos, dtype=torch.int32)
     zero = torch.zeros_like(one)
@@ -239,7 +242,7 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     idx_u = hip_mask_reference(q, kc, bt, zero[: len(uniq)], uniq.to(torch.int32), one[: len(uniq)],
                                window_starts(uniq, cfg.sliding_window, bk), n_select=cfg.n_select,
                                block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens, query_stride=1,
-                               exact_blocks=cfg.mask_exact_blocks)
+                               exact_blocks=cfg.mask_exact_blocks, norm_window=cfg.mask_kwargs["norm_window"])
     idx = idx_u[inv]
     seq = torch.tensor([T], dtype=torch.int32)
     o_hip = torch.zeros_like(q)
@@ -284,7 +287,8 @@ class HipSim:
         self.cfg = _cfg(cfg)
         self.last_row_block = last_row_block  # the prompt's last row estimates its own mask (experiment)
         # the backend's selection; experiments swap in others (mask_variants.py)
-        self.mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=self.cfg.mask_exact_blocks)
+        self.mask_fn = mask_fn or functools.partial(hip_mask_reference, exact_blocks=self.cfg.mask_exact_blocks,
+                                                    norm_window=self.cfg.mask_kwargs["norm_window"])
         self.num_layers = num_layers
         self.state: dict[int, tuple] = {}
         self._saved = None
@@ -341,13 +345,15 @@ class HipSim:
         else:  # decode step
             st = self.state.get(li)
             R = cfg.mask_refresh_interval
-            if st is None or not (L > st[0] and L // R == st[0] // R):  # as vllm_hip.mask_state
+            first = L if st is None else st[3]  # length at the first decode step
+            if st is None or not (L > st[0] and L // R == st[0] // R
+                                  and L - first >= cfg.mask_refresh_first_steps):  # as vllm_hip.mask_state
                 w = max(0, (L - 1 - cfg.sliding_window) // bk * bk)
                 one = torch.ones(1, dtype=torch.int32)
                 idx = self.mask_fn(q.float(), kc, bt, one * 0, one * 0, one, torch.tensor([w], dtype=torch.int32),
                                          n_select=cfg.n_select, block_size_q=cfg.block_size_q, block_size_k=bk,
                                          sink_tokens=cfg.sink_tokens, query_stride=cfg.query_stride)
-                st = self.state[li] = (L, w, idx[0])
+                st = self.state[li] = (L, w, idx[0], first)
             mask[:, 0, :] = allowed_keys(L, st[1], cfg.sink_tokens, st[2], bk)
         m = mask.repeat_interleave(G, 0)[None]  # [1, Hq, Tq, L]
         kk = key.repeat_interleave(G, 1)

@@ -19,9 +19,9 @@ from .reference import decode_plan_reference  # noqa: F401  (the oracle of decod
 @triton.jit(do_not_specialize=["n", "sbt0"])
 def _decode_plan_kernel(
     bt_ptr, sbt0, W, seq_ptr, req_ptr, prompt_ptr, qsl_ptr, n, rows,
-    slot_key_ptr, refresh_len_ptr, ws_state_ptr, slot_of_block_ptr, used_ptr, by_rank_ptr,
+    slot_key_ptr, refresh_len_ptr, ws_state_ptr, slot_of_block_ptr, first_len_ptr, used_ptr, by_rank_ptr,
     out_req, out_start, out_len, out_pos0, out_ws, out_row, out_refresh, out_fa_len,
-    num_slots, num_blocks, page, window, bk, interval, dense_below,
+    num_slots, num_blocks, page, window, bk, interval, dense_below, first_steps,
     HAS_PROMPT: tl.constexpr, DENSE_TO_FA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     r = tl.arange(0, BLOCK_R)
@@ -42,8 +42,9 @@ def _decode_plan_kernel(
         own = own & (tl.load(prompt_ptr + r, mask=rv, other=0) == 0)
     last = tl.load(refresh_len_ptr + s_prev, mask=rv, other=0)
     same_run = (L // interval) == (last // interval)
+    fresh = (L - tl.load(first_len_ptr + s_prev, mask=rv, other=0)) < first_steps
     dense = L <= dense_below
-    refresh = ((own & (L > last) & same_run) == 0) & (dense == 0) & live
+    refresh = ((own & (L > last) & same_run & (fresh == 0)) == 0) & (dense == 0) & live
 
     # Free slots: mark the kept ones, then slot_by_rank[k] = the k-th free slot (k from 1).
     s = tl.arange(0, BLOCK_S)
@@ -75,6 +76,7 @@ def _decode_plan_kernel(
     wr = tl.where(refresh & kept, slot, num_slots)
     tl.store(refresh_len_ptr + wr, L, mask=rv)
     tl.store(ws_state_ptr + wr, new_ws, mask=rv)
+    tl.store(first_len_ptr + tl.where(kept & (own == 0), slot, num_slots), L, mask=rv)
 
     # The step's decode buffers; rows in [n, rows) are padding of a captured batch.
     pad = (r >= n) & (r < rows)
@@ -92,9 +94,10 @@ def _decode_plan_kernel(
     tl.store(out_refresh + r, (refresh & kept & rv).to(tl.int8), mask=rv | pad)
 
 
-def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, block_table, seq_lens, reqs,
-                prompt_step, query_start_loc, out: dict, refresh_out, *, page_size: int, window: int,
-                block_size_k: int, interval: int, dense_below: int, dense_to_fa: bool = False) -> None:
+def decode_plan(slot_key, refresh_len, window_start, slot_of_block, first_len, scratch, block_table, seq_lens,
+                reqs, prompt_step, query_start_loc, out: dict, refresh_out, *, page_size: int, window: int,
+                block_size_k: int, interval: int, dense_below: int, first_steps: int = 0,
+                dense_to_fa: bool = False) -> None:
     """``decode_plan_reference`` (state updated in place) plus the decode buffers, in one launch. ``reqs`` and
     ``prompt_step`` (or None) int32 on the device; ``scratch`` int32 ``[2, num_slots + 2]``; ``out`` the int32
     buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row`` (and ``fa_len`` with
@@ -107,10 +110,10 @@ def decode_plan(slot_key, refresh_len, window_start, slot_of_block, scratch, blo
     _decode_plan_kernel[(1,)](
         block_table, block_table.stride(0), block_table.shape[1], seq_lens, reqs,
         prompt_step if prompt_step is not None else reqs, query_start_loc, n, rows,
-        slot_key, refresh_len, window_start, slot_of_block, scratch[0], scratch[1],
+        slot_key, refresh_len, window_start, slot_of_block, first_len, scratch[0], scratch[1],
         out["req"], out["start"], out["length"], out["pos0"], out["window_start"], out["row"],
         refresh_out.view(torch.int8), out["fa_len"] if dense_to_fa else out["length"],
-        num_slots, num_blocks, page_size, window, block_size_k, interval, dense_below,
+        num_slots, num_blocks, page_size, window, block_size_k, interval, dense_below, first_steps,
         HAS_PROMPT=prompt_step is not None, DENSE_TO_FA=bool(dense_to_fa), BLOCK_R=block_r,
         BLOCK_S=triton.next_power_of_2(num_slots + 2),
         num_warps=min(16, max(4, block_r // 64)),  # max_num_seqs can be 1024: spread the rows over more warps

@@ -143,6 +143,7 @@ def hip_mask_reference(
     sink_tokens: int,
     query_stride: int = 1,
     exact_blocks: int = 1,
+    norm_window: int = 0,
     host_k_cache: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hierarchical top-k key-block selection (HiP v3, with an exact last stage) for every (query block, KV head).
@@ -156,6 +157,11 @@ def hip_mask_reference(
     ``n_select`` best blocks (same tie rule). ``exact_blocks=1`` is plain HiP v3 (halving down to single blocks,
     each half judged by its centre block only); larger values replace the last rounds' guesses by exact block
     scores, for about the same number of keys read. With ``n_select`` >= candidates, all are selected.
+    ``norm_window`` > 0: the *normalised* score. Each scored row's ``q . k`` (per query head) is lowered by that
+    row's best logit over keys it attends anyway: the sink and the first ``norm_window`` keys of the window,
+    ``[ws, ws + norm_window)``. So a query head whose candidates add nothing beyond what it already sees cannot
+    outbid, in the max over the KV group's heads, a head that needs a far block (BENCHMARKS.md §4). It must not
+    exceed the window that gave ``window_start`` (those keys then precede every scored row).
     Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded. ``host_k_cache``: see the module docstring.
     """
     k_cache = tiered_cache(k_cache, host_k_cache)
@@ -190,13 +196,21 @@ def hip_mask_reference(
     qs = qs.view(S, NQ, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(S, Hkv, G * NQ, D)
     qvalid = rvalid[:, None, None, :].expand(S, 1, G, NQ).reshape(S, 1, G * NQ)
     heads = torch.arange(Hkv, device=dev)
+    page = k_cache.shape[1]
+    offset = torch.zeros(S, Hkv, G * NQ, device=dev)  # subtracted from every scored row's logits
+    if norm_window > 0:
+        # the keys every row attends anyway: sink [0, sink) (ws > sink on this path) and [ws, ws + norm_window)
+        ref_pos = torch.cat([torch.arange(sink_tokens, device=dev)[None].expand(S, -1),
+                             window_start[sel].long()[:, None] + torch.arange(norm_window, device=dev)], 1)
+        phys = block_table.long()[req[sel][:, None], torch.div(ref_pos, page, rounding_mode="floor")]
+        ref_keys = k_cache[phys, ref_pos % page].float()  # [S, P, Hkv, D]
+        offset = torch.einsum("sphd,shqd->shqp", ref_keys, qs).amax(-1).masked_fill(~qvalid, 0.0)
 
     def score(rep_block: torch.Tensor) -> torch.Tensor:  # [S, Hkv, M] key-block ids -> [S, Hkv, M]
         pos = rep_block[..., None] * bk + torch.arange(bk, device=dev)  # [S, Hkv, M, bk]
-        page = k_cache.shape[1]
         phys = block_table.long()[req[sel][:, None, None, None], torch.div(pos, page, rounding_mode="floor")]
         keys = k_cache[phys, pos % page, heads[None, :, None, None]].float()  # [S, Hkv, M, bk, D]
-        s = torch.einsum("shmbd,shqd->shmbq", keys, qs)
+        s = torch.einsum("shmbd,shqd->shmbq", keys, qs) - offset[:, :, None, None, :]
         s = s.masked_fill(~qvalid[:, :, None, None, :], NEG_INF)
         return s.amax(dim=(-1, -2))
 
@@ -354,15 +368,18 @@ def block_at(block_table: torch.Tensor, r: torch.Tensor, pos: torch.Tensor, page
     return block_table[r, page].long()  # gather, then widen: never convert the whole table
 
 
-def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, reqs,
-                          prompt_step=None, *, page_size: int, window: int, block_size_k: int, interval: int,
-                          dense_below: int):
+def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens,
+                          reqs, prompt_step=None, *, page_size: int, window: int, block_size_k: int, interval: int,
+                          dense_below: int, first_steps: int = 0):
     """Decode mask plan of one step (``vllm_hip.mask_state`` explains the scheme): each decode request's
     mask-cache row, whether it re-estimates its mask, and its window start. Updates the slot state in place.
 
     State (int64, last entry of each = trash that absorbs unwanted writes): ``slot_key[slot]`` the block owning
     a slot, ``refresh_len[slot]`` / ``window_start[slot]`` the length and window start at its last refresh,
-    ``slot_of_block[block % num_blocks]`` the slot last given to the request whose newest token was in ``block``.
+    ``slot_of_block[block % num_blocks]`` the slot last given to the request whose newest token was in ``block``,
+    ``first_len[slot]`` the length at which the slot's request took it (its first decode step, or its first after
+    a resume). ``first_steps``: a request also refreshes at every step until its length reaches
+    ``first_len + first_steps`` (the answer's first tokens, where one reused mask costs the most, BENCHMARKS.md §4).
     ``reqs``: batch indices of the decode requests; ``prompt_step`` (bool per request) steps still in the prompt.
     Returns ``(row int32, refresh bool, window_start int32)`` per request.
     """
@@ -384,8 +401,9 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, bl
     # request's schedule depends on its own length only.
     last = refresh_len[s_prev]
     same_run = torch.div(L, interval, rounding_mode="floor") == torch.div(last, interval, rounding_mode="floor")
+    fresh = L - first_len[s_prev] < first_steps
     dense = L <= dense_below
-    refresh = ~(own & (L > last) & same_run) & ~dense & live
+    refresh = ~(own & (L > last) & same_run & ~fresh) & ~dense & live
 
     # Slots kept this step: those of requests that own one. The others get free slots in batch order.
     trash = torch.full_like(s_prev, trash_slot)
@@ -409,10 +427,11 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, bl
     wr = torch.where(refresh & kept, slot, trash)
     refresh_len[wr] = L
     window_start[wr] = new_ws
+    first_len[torch.where(kept & ~own, slot, trash)] = L
     return slot.to(torch.int32), refresh & kept, ws.to(torch.int32)
 
-def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, reqs,
-                               prompt_step, query_start_loc, out: dict, refresh_out, *, dense_to_fa: bool = False,
+def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens,
+                               reqs, prompt_step, query_start_loc, out: dict, refresh_out, *, dense_to_fa: bool = False,
                                **plan_kw) -> None:
     """What the one-launch kernel (``kernels/decode_plan.py``) writes: ``decode_plan_reference``'s plan plus
     the step's decode buffers. ``out`` holds ``req``, ``start``, ``length``, ``pos0``, ``window_start``,
@@ -424,7 +443,7 @@ def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_bloc
     n = reqs.numel()
     d = reqs.long()
     row, refresh, ws = decode_plan_reference(
-        slot_key, refresh_len, window_start, slot_of_block, block_table, seq_lens, d,
+        slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens, d,
         None if prompt_step is None else prompt_step.bool(), **plan_kw)
     L = seq_lens[d]
     to_fa = (L > 0) & (L <= plan_kw["dense_below"]) if dense_to_fa else torch.zeros_like(L, dtype=torch.bool)

@@ -252,14 +252,59 @@ def _best_halves(sc_s, lo_s, hi_s, N: tl.constexpr, N_PAD: tl.constexpr):
 
 
 @triton.jit
-def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+def _scored_queries(q_ptr, start, ln, h, sq0, sq1, sq2, G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr,
+                    NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr):
+    """The query rows a (query block, KV head) is scored with, ``[M_PAD, D]``: row ``m = g * NQ_P + j`` is head
+    ``g`` of the group at the ``j``-th strided row from the block's end; with their validity and ``arange(D)``."""
+    m = tl.arange(0, M_PAD)
+    g = m // NQ_P
+    j = m % NQ_P
+    off = ln - 1 - j * STRIDE
+    rvalid = (g < G) & (j < NQ) & (off >= 0)
+    t = start + tl.maximum(off, 0)
+    d = tl.arange(0, D)
+    qh = h * G + tl.minimum(g, G - 1)
+    qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2, mask=rvalid[:, None], other=0.0)
+    return qt, rvalid, d
+
+
+@triton.jit
+def _reference_max(qt, k_ptr, bt_ptr, req, sbt0, page_size, ws, h, d,
+                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                   sink_tokens, norm_window, c_first, c_step,
+                   M_PAD: tl.constexpr, KROWS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   TIERED: tl.constexpr):
+    """The normalised score's offsets: each scored row's best ``q . k`` over the keys it attends anyway, in
+    chunks ``c_first, c_first + c_step, ...`` of ``KROWS``. Key ``i`` is position ``i`` below ``sink_tokens`` and
+    ``ws + i - sink_tokens`` above (the sink, then the window's first ``norm_window`` keys). -inf if no chunk."""
+    P = sink_tokens + norm_window
+    mx = tl.full((M_PAD,), float("-inf"), tl.float32)
+    for i0 in range(c_first * KROWS, P, c_step * KROWS):
+        i = i0 + tl.arange(0, KROWS)
+        valid = i < P
+        pos = tl.where(valid, tl.where(i < sink_tokens, i, ws + i - sink_tokens), 0)
+        phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
+        if TIERED:
+            kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2,
+                              shk3, n_dev)
+        else:
+            kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
+        kt = tl.load(kp, mask=valid[:, None], other=0.0)
+        sc = tl.where(valid[None, :], _dot(qt, tl.trans(kt), IEEE, UPCAST), float("-inf"))
+        mx = tl.maximum(mx, tl.max(sc, axis=1))
+    return mx
+
+
+@triton.jit
+def _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                   N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr, HALVES: tl.constexpr,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr):
-    """Scores of candidates ``c0 .. c0 + KROWS/BK`` of one round: the best ``q . k`` between the strided queries
-    and the ``BK`` keys of each candidate's key block. ``HALVES``: a halving round, candidate ``ci`` is half
-    ``ci % 2`` of group ``ci // 2``, judged by its centre block; else the exact round, candidate ``ci`` is block
-    ``lo[ci // EXACT] + ci % EXACT`` (valid below that group's ``hi``)."""
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr, NORM: tl.constexpr):
+    """Scores of candidates ``c0 .. c0 + KROWS/BK`` of one round: the best ``q . k`` (minus the row's offset
+    ``moff`` with ``NORM``) between the strided queries and the ``BK`` keys of each candidate's key block.
+    ``HALVES``: a halving round, candidate ``ci`` is half ``ci % 2`` of group ``ci // 2``, judged by its centre
+    block; else the exact round, candidate ``ci`` is block ``lo[ci // EXACT] + ci % EXACT`` (valid below that
+    group's ``hi``)."""
     CH: tl.constexpr = KROWS // BK
     kr = tl.arange(0, KROWS)
     ci = c0 + kr // BK
@@ -277,6 +322,8 @@ def _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c
         kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
     kt = tl.load(kp, mask=valid[:, None], other=0.0)
     s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+    if NORM:
+        s = s - moff[:, None]
     s = tl.where(rvalid[:, None], s, float("-inf"))
     srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
     if BK == 1:
@@ -317,12 +364,12 @@ def _hip_mask_body(
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_ptr, hi_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size,
+    sink_tokens, page_size, norm_window,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -349,17 +396,15 @@ def _hip_mask_body(
             lo_s = lo_ptr + pid * N_PAD
             hi_s = hi_ptr + pid * N_PAD
             sc_s = score_ptr + pid * SC_W
-            # queries scored: rows m = g * NQ_P + j (head g of the group, j-th strided row from the end)
-            m = tl.arange(0, M_PAD)
-            g = m // NQ_P
-            j = m % NQ_P
-            off = ln - 1 - j * STRIDE
-            rvalid = (g < G) & (j < NQ) & (off >= 0)
-            t = start + tl.maximum(off, 0)
-            d = tl.arange(0, D)
-            qh = h * G + tl.minimum(g, G - 1)
-            qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
-                         mask=rvalid[:, None], other=0.0)
+            qt, rvalid, d = _scored_queries(q_ptr, start, ln, h, sq0, sq1, sq2, G=G, D=D, NQ=NQ, NQ_P=NQ_P,
+                                            M_PAD=M_PAD, STRIDE=STRIDE)
+            moff = tl.zeros((M_PAD,), tl.float32)
+            if NORM:
+                moff = _reference_max(qt, k_ptr, bt_ptr, req, sbt0, page_size, ws, h, d,
+                                      sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                      sink_tokens, norm_window, 0, 1,
+                                      M_PAD=M_PAD, KROWS=KROWS, IEEE=IEEE, UPCAST=UPCAST, TIERED=TIERED)
+                moff = tl.where(rvalid, moff, 0.0)
             # initial groups
             lo = begin + (ar * count) // N
             hi = begin + ((ar + 1) * count) // N
@@ -371,10 +416,10 @@ def _hip_mask_body(
                 tl.debug_barrier()
                 # ---- score the 2N halves, KROWS key rows (CH candidates x BK keys) at a time
                 for c0 in range(0, 2 * N, CH):
-                    cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                    cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h,
+                                       d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                                        N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=True, IEEE=IEEE, UPCAST=UPCAST,
-                                       TIERED=TIERED)
+                                       TIERED=TIERED, NORM=NORM)
                     cc = c0 + tl.arange(0, CH)
                     tl.store(sc_s + cc, cs, mask=cc < 2 * N)
                 tl.debug_barrier()
@@ -386,10 +431,10 @@ def _hip_mask_body(
             tl.debug_barrier()
             if exact != 0:
                 for c0 in range(0, N * EXACT, CH):
-                    cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                    cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h,
+                                       d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                                        N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
-                                       UPCAST=UPCAST, TIERED=TIERED)
+                                       UPCAST=UPCAST, TIERED=TIERED, NORM=NORM)
                     cc = c0 + tl.arange(0, CH)
                     tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
                 tl.debug_barrier()
@@ -406,18 +451,19 @@ def _hip_mask_kernel(
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_ptr, hi_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size,
+    sink_tokens, page_size, norm_window,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr,
 ):
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
-        0, 0, 0, 0, 0, 0,
+        norm_window, 0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
+        NORM=NORM)
 
 
 @triton.jit(do_not_specialize=["sbt0", "n_dev", "hk_off"])
@@ -427,32 +473,42 @@ def _hip_mask_kernel_tiered(
     out_ptr, out_row_ptr, active_ptr,
     score_ptr, lo_ptr, hi_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
-    sink_tokens, page_size,
+    sink_tokens, page_size, norm_window,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr,
 ):
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
-        hk_off, shk0, shk1, shk2, shk3, n_dev,
+        norm_window, hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
+        NORM=NORM)
 
 
 # Round-parallel variant: one launch per round, the 2n halves of every (qb, head) scored by many programs; the
 # last program to finish a (qb, head) (atomic counter) does that round's top-n. Same result as the one-launch
 # kernel above; far more parallel when QB * Hkv is small (decode) and more loads in flight for prefill.
 @triton.jit
-def _hip_mask_init_kernel(
-    qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr, lo_ptr, hi_ptr, cnt_ptr,
-    so0, so1, so2, sink_tokens,
-    N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr, HAS_ACTIVE: tl.constexpr,
+def _hip_mask_init_body(
+    q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
+    hk_off, shk0, shk1, shk2, shk3, n_dev,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    TIERED: tl.constexpr, NORM: tl.constexpr,
 ):
+    """Program ``(qb, h, 0)``: the initial groups (or the whole selection when the candidates fit in ``N``).
+    With ``NORM`` every program ``(qb, h, c)`` also writes its share (chunks ``c, c + NS, ...``) of the rows'
+    reference maxima to ``norm_ptr[(qb, h), c]``; the rounds take the max over ``c``."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
+    c = tl.program_id(2)
     Hkv = tl.num_programs(1)
     act = 1
     if HAS_ACTIVE:
@@ -463,14 +519,62 @@ def _hip_mask_init_kernel(
         count = tl.maximum(ws // BK - begin, 0)
         ar = tl.arange(0, N_PAD)
         pid = (qb * Hkv + h).to(tl.int64)
-        tl.store(cnt_ptr + pid, 0)
-        if count <= N:
-            row = tl.load(out_row_ptr + qb).to(tl.int64)
-            vals = tl.where(ar < count, begin + ar, -1)
-            tl.store(out_ptr + row * so0 + h * so1 + ar * so2, vals.to(tl.int32), mask=ar < N)
-        else:
-            tl.store(lo_ptr + pid * N_PAD + ar, begin + (ar * count) // N, mask=ar < N)
-            tl.store(hi_ptr + pid * N_PAD + ar, begin + ((ar + 1) * count) // N, mask=ar < N)
+        if c == 0:
+            tl.store(cnt_ptr + pid, 0)
+            if count <= N:
+                row = tl.load(out_row_ptr + qb).to(tl.int64)
+                vals = tl.where(ar < count, begin + ar, -1)
+                tl.store(out_ptr + row * so0 + h * so1 + ar * so2, vals.to(tl.int32), mask=ar < N)
+            else:
+                tl.store(lo_ptr + pid * N_PAD + ar, begin + (ar * count) // N, mask=ar < N)
+                tl.store(hi_ptr + pid * N_PAD + ar, begin + ((ar + 1) * count) // N, mask=ar < N)
+        if NORM:
+            if count > N:
+                req = tl.load(qb_req_ptr + qb).to(tl.int64)
+                start = tl.load(qb_start_ptr + qb).to(tl.int64)
+                ln = tl.load(qb_len_ptr + qb)
+                qt, rvalid, d = _scored_queries(q_ptr, start, ln, h, sq0, sq1, sq2, G=G, D=D, NQ=NQ, NQ_P=NQ_P,
+                                                M_PAD=M_PAD, STRIDE=STRIDE)
+                mx = _reference_max(qt, k_ptr, bt_ptr, req, sbt0, page_size, ws, h, d,
+                                    sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                    sink_tokens, norm_window, c, tl.num_programs(2),
+                                    M_PAD=M_PAD, KROWS=KROWS, IEEE=IEEE, UPCAST=UPCAST, TIERED=TIERED)
+                tl.store(norm_ptr + (pid * tl.num_programs(2) + c) * M_PAD + tl.arange(0, M_PAD), mx)
+
+
+@triton.jit(do_not_specialize=["sbt0"])
+def _hip_mask_init_kernel(
+    q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
+):
+    _hip_mask_init_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens,
+        page_size, norm_window, 0, 0, 0, 0, 0, 0,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, NORM=NORM)
+
+
+@triton.jit(do_not_specialize=["sbt0", "n_dev", "hk_off"])
+def _hip_mask_init_kernel_tiered(
+    q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
+    hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
+    G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
+    NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
+    KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
+):
+    _hip_mask_init_body(
+        q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
+        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens,
+        page_size, norm_window, hk_off, shk0, shk1, shk2, shk3, n_dev,
+        G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, NORM=NORM)
 
 
 @triton.jit
@@ -478,7 +582,7 @@ def _hip_mask_round_body(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
@@ -486,6 +590,7 @@ def _hip_mask_round_body(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.program_id(1)
@@ -507,16 +612,12 @@ def _hip_mask_round_body(
         lo_s = lo_in + pid * N_PAD
         hi_s = hi_in + pid * N_PAD
         sc_s = score_ptr + pid * SC_W
-        m = tl.arange(0, M_PAD)
-        g = m // NQ_P
-        j = m % NQ_P
-        off = ln - 1 - j * STRIDE
-        rvalid = (g < G) & (j < NQ) & (off >= 0)
-        t = start + tl.maximum(off, 0)
-        d = tl.arange(0, D)
-        qh = h * G + tl.minimum(g, G - 1)
-        qt = tl.load(q_ptr + t[:, None] * sq0 + qh[:, None] * sq1 + d[None, :] * sq2,
-                     mask=rvalid[:, None], other=0.0)
+        qt, rvalid, d = _scored_queries(q_ptr, start, ln, h, sq0, sq1, sq2, G=G, D=D, NQ=NQ, NQ_P=NQ_P,
+                                        M_PAD=M_PAD, STRIDE=STRIDE)
+        moff = tl.zeros((M_PAD,), tl.float32)
+        if NORM:  # the init launch's per-program maxima of the rows' reference logits
+            part = tl.load(norm_ptr + (pid * NS + tl.arange(0, NS))[:, None] * M_PAD + tl.arange(0, M_PAD)[None, :])
+            moff = tl.where(rvalid, tl.max(part, axis=0), 0.0)
         CH: tl.constexpr = KROWS // BK
         is_exact = rnd == rounds
         # the exact round scores N * EXACT candidates instead of 2N: more chunks per program
@@ -524,18 +625,18 @@ def _hip_mask_round_body(
         if is_exact:
             for ce0 in range(0, cpp_e):
                 c0 = (c * cpp_e + ce0) * CH
-                cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
                                    sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                                    N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
-                                   UPCAST=UPCAST, TIERED=TIERED)
+                                   UPCAST=UPCAST, TIERED=TIERED, NORM=NORM)
                 cc = c0 + tl.arange(0, CH)
                 tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
         for cc0 in range(0, tl.where(is_exact, 0, cpp)):
             c0 = (c * cpp + cc0) * CH
-            cs = _chunk_scores(qt, rvalid, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+            cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
                                sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                                N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=True, IEEE=IEEE, UPCAST=UPCAST,
-                               TIERED=TIERED)
+                               TIERED=TIERED, NORM=NORM)
             cc = c0 + tl.arange(0, CH)
             tl.store(sc_s + cc, cs, mask=cc < 2 * N)
         tl.debug_barrier()  # every thread's score stores precede the release below
@@ -563,21 +664,23 @@ def _hip_mask_round_kernel(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
+        NORM=NORM, NS=NS)
 
 
 @triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off"])
@@ -585,7 +688,7 @@ def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
@@ -593,21 +696,23 @@ def _hip_mask_round_kernel_tiered(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
+        NORM=NORM, NS=NS)
 
 
 def hip_mask(
     q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *,
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
-    exact_blocks: int = 1, out=None, out_row=None, active=None, single_launch: bool | None = None,
-    host_k_cache=None, programs: int | None = None,
+    exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
+    single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -621,6 +726,9 @@ def hip_mask(
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: enough for ~16 per SM); a tuning knob for benchmarks.
+    ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
+    before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
+    (qb, head) (per round).
     """
     QB = qb_req.shape[0]
     T, Hq, D = q.shape
@@ -654,6 +762,7 @@ def hip_mask(
     e_pad = _p2(exact)
     sc_w = max(2, e_pad) * n_pad  # scores per (qb, head): 2n halves, or n * exact blocks in the exact round
     scratch_sc = torch.empty((QB * Hkv * sc_w,), dtype=torch.float32, device=dev)
+    norm = int(norm_window) > 0
     if single_launch:
         scratch_lo = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
         scratch_hi = torch.empty((QB * Hkv * n_pad,), dtype=torch.int32, device=dev)
@@ -663,10 +772,10 @@ def hip_mask(
             scratch_sc, scratch_lo, scratch_hi,
             q.stride(0), q.stride(1), q.stride(2), *k_cache.stride(), block_table.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
-            int(sink_tokens), k_cache.shape[1], *tier,
+            int(sink_tokens), k_cache.shape[1], int(norm_window), *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
-            num_warps=4 if m_pad * krows <= 64 * 64 else 8,
+            NORM=norm, num_warps=4 if m_pad * krows <= 64 * 64 else 8,
         )
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
@@ -683,9 +792,16 @@ def hip_mask(
     hi = torch.empty((2, width), dtype=torch.int32, device=dev).unbind(0)
     cnt = torch.empty((QB * Hkv,), dtype=torch.int32, device=dev)
     out_strides = out.stride()
-    _hip_mask_init_kernel[(QB, Hkv)](
-        qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt, *out_strides, int(sink_tokens),
-        N=n, N_PAD=n_pad, BK=bk, HAS_ACTIVE=has_active, num_warps=1,
+    # normalised score: each (qb, head)'s reference maxima in ns partial rows, one per init program
+    ns = min(8, _p2(_cdiv(int(sink_tokens) + int(norm_window), krows))) if norm else 1
+    scratch_norm = torch.empty((QB * Hkv * ns * m_pad,) if norm else (1,), dtype=torch.float32, device=dev)
+    (_hip_mask_init_kernel_tiered if tier else _hip_mask_init_kernel)[(QB, Hkv, ns)](
+        q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt,
+        scratch_norm, *q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens),
+        k_cache.shape[1], int(norm_window), *tier,
+        G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride), KROWS=krows,
+        HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, NORM=norm,
+        num_warps=(4 if m_pad * krows <= 64 * 64 else 8) if norm else 1,
     )
     ch = krows // bk
     total_chunks = _cdiv(2 * n, ch)
@@ -694,14 +810,15 @@ def hip_mask(
     nch = _cdiv(total_chunks, cpp)
     # Arguments shared by every round, built once (this wrapper runs per layer per step in eager steps).
     head = (q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, out, out_row, act, scratch_sc)
+    norm_arg = (scratch_norm,)
     mid = (*q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens), k_cache.shape[1])
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
-                SC_W=sc_w, num_warps=4 if m_pad * krows <= 64 * 64 else 8)
+                SC_W=sc_w, NORM=norm, NS=ns, num_warps=4 if m_pad * krows <= 64 * 64 else 8)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
-        kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *mid, r, cpp, *tier, **meta)
+        kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *norm_arg, *mid, r, cpp, *tier, **meta)
     return out
 
 

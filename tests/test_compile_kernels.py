@@ -61,8 +61,8 @@ def test_warm_up_with_offload_launches_the_two_tier_variants(monkeypatch):
 
     th = ops._triton()
     seen = set()
-    tiered = ("_hip_mask_kernel_tiered", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel_tiered",
-              "_kv_write_kernel_tiered")
+    tiered = ("_hip_mask_kernel_tiered", "_hip_mask_init_kernel_tiered", "_hip_mask_round_kernel_tiered",
+              "_hip_attn_kernel_tiered", "_kv_write_kernel_tiered")
     for name in tiered:
         monkeypatch.setattr(th, name, Spy(getattr(th, name), seen, name))
     monkeypatch.setattr(ps, "_swap_pages_kernel", Spy(ps._swap_pages_kernel, seen, "_swap_pages_kernel"))

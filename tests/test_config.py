@@ -11,7 +11,9 @@ def test_defaults_follow_the_paper_except_key_block_size_and_budget():
     assert c.n_select == 128
     assert c.mask_exact_blocks == 8
     assert c.mask_kwargs == dict(n_select=128, block_size_q=64, block_size_k=8, sink_tokens=128, query_stride=2,
-                                 exact_blocks=8)
+                                 exact_blocks=8, norm_window=1024)
+    assert c.normalised_score and c.mask_refresh_first_steps == 8
+    assert HipConfig.from_dict({"normalised_score": False}).mask_kwargs["norm_window"] == 0
 
 
 def test_json_text_and_dict_agree():
@@ -49,6 +51,9 @@ def test_frozen():
         ({"dense_layers": [-1]}, r"non-negative"),
         ({"mask_refresh_interval": 0}, r"mask_refresh_interval must be > 0"),
         ({"prefill_dense_below_seq_len": -1}, r"hip.prefill_dense_below_seq_len must be >= 0"),
+        ({"mask_refresh_first_steps": -2}, r"hip.mask_refresh_first_steps must be >= 0"),
+        ({"normalised_score": 1}, r"hip.normalised_score must be true or false"),
+        ({"sliding_window": 0}, r"set hip.sliding_window > 0 or hip.normalised_score to false"),
         ({"dense_below_seq_len": 4096, "prefill_dense_below_seq_len": 1024},
          r"prefill_dense_below_seq_len \(1024\) must be 0 or at least hip.dense_below_seq_len \(4096\)"),
         ({"mask_exact_blocks": 0}, r"mask_exact_blocks must be > 0"),

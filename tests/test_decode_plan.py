@@ -30,14 +30,17 @@ def _state(slots, blocks):
     return [torch.full((slots + 1,), -1, dtype=torch.int64, device=DEV),
             torch.zeros(slots + 1, dtype=torch.int64, device=DEV),
             torch.zeros(slots + 1, dtype=torch.int64, device=DEV),
-            torch.full((blocks + 1,), slots, dtype=torch.int64, device=DEV)]
+            torch.full((blocks + 1,), slots, dtype=torch.int64, device=DEV),
+            torch.zeros(slots + 1, dtype=torch.int64, device=DEV)]
 
 
-@pytest.mark.parametrize("seed,interval,dense_below,rows,to_fa",
-                         [(0, 4, 0, 8, False), (1, 8, 40, 8, False), (2, 1, 0, 5, False), (3, 3, 70, 16, False),
-                          (4, 8, 0, 300, False), (5, 4, 60, 8, True), (6, 8, 100, 16, True)])
-def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows, to_fa):
-    """``to_fa``: dense rows are handed to FlashAttention (length 0 here, their length in ``fa_len``)."""
+@pytest.mark.parametrize("seed,interval,dense_below,rows,to_fa,first",
+                         [(0, 4, 0, 8, False, 0), (1, 8, 40, 8, False, 8), (2, 1, 0, 5, False, 3),
+                          (3, 3, 70, 16, False, 5), (4, 8, 0, 300, False, 8), (5, 4, 60, 8, True, 0),
+                          (6, 8, 100, 16, True, 6)])
+def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows, to_fa, first):
+    """``to_fa``: dense rows are handed to FlashAttention (length 0 here, their length in ``fa_len``);
+    ``first``: refresh at every one of a request's first decode steps."""
     g = torch.Generator().manual_seed(seed)
     slots, blocks, width = rows, max(96, 4 * rows), 12
     ref, tri, ref2 = _state(slots, blocks), _state(slots, blocks), _state(slots, blocks)
@@ -69,7 +72,8 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         reqs = torch.arange(R, dtype=torch.int32)
         prompt = (torch.rand(R, generator=g) < 0.1).to(torch.int32)
         bt, seq, qsl, reqs, prompt = (t.to(DEV) for t in (bt, seq, qsl, reqs, prompt))
-        kw = dict(page_size=PAGE, window=32, block_size_k=4, interval=interval, dense_below=dense_below)
+        kw = dict(page_size=PAGE, window=32, block_size_k=4, interval=interval, dense_below=dense_below,
+                  first_steps=first)
 
         want = decode_plan_reference(*ref, bt, seq, reqs.long(), prompt.bool(), **kw)
         out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV)
@@ -100,8 +104,8 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
             assert torch.equal(ref_out[k][:R].cpu(), out[k][:R].cpu()), f"step {step}: buffer {k}"
         assert torch.equal(ref_out["fa_len"].cpu(), out["fa_len"].cpu())
         assert torch.equal(ref_refresh.cpu(), refresh.cpu()) and torch.equal(ref_out["length"][R:], out["length"][R:])
-        for a, b, name in zip(ref[:3], tri[:3], ("slot_key", "refresh_len", "window_start")):
-            assert torch.equal(a[:slots].cpu(), b[:slots].cpu()), f"step {step}: state {name} differs"
+        for i, name in ((0, "slot_key"), (1, "refresh_len"), (2, "window_start"), (4, "first_len")):
+            assert torch.equal(ref[i][:slots].cpu(), tri[i][:slots].cpu()), f"step {step}: state {name} differs"
         assert torch.equal(ref[3][:blocks].cpu(), tri[3][:blocks].cpu()), f"step {step}: slot_of_block differs"
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import kernels.triton_hip as th  # noqa: E402
 from kernel_keys import not_specialized  # noqa: E402
 
-KERNELS = ["_hip_mask_init_kernel", "_hip_mask_round_kernel", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel",
+KERNELS = ["_hip_mask_init_kernel", "_hip_mask_init_kernel_tiered", "_hip_mask_round_kernel", "_hip_mask_round_kernel_tiered", "_hip_attn_kernel",
            "_hip_attn_kernel_tiered", "_merge_kernel"]
 SPLIT_KEYS = {"SPLIT", "num_stages"}
 
@@ -41,7 +41,7 @@ def _launch_all(QB: int, ctx: int, tiered: bool):
     if tiered:
         tier = dict(host_k_cache=torch.randn(8, page, Hkv, D), host_v_cache=torch.randn(8, page, Hkv, D))
     idx = th.hip_mask(q, kc, bt, req, start, ln, ws, n_select=8, block_size_q=1, block_size_k=4, sink_tokens=8,
-                      single_launch=False, host_k_cache=tier.get("host_k_cache"))
+                      norm_window=64, single_launch=False, host_k_cache=tier.get("host_k_cache"))
     th.hip_attention(q, kc, vc, bt, seq, req, start, ln, seq - 1, ws, idx, sink_tokens=8, block_size_k=4,
                      scale=0.1, **tier)
 

@@ -170,13 +170,16 @@ def test_triton_tiered_matches_untiered(case):
     qb = make_query_blocks(qsl, seql, bq)
     ws = window_starts(qb[3], window, bk)
 
-    # hip_mask, both variants: identical selections
+    # hip_mask, both variants, raw and normalised score (whose sink/window keys are read from both tiers too):
+    # identical selections
     mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=2)
-    for single in (False, True):
-        ref = th.hip_mask(q, kc, bt, *qb[:3], ws, single_launch=single, **mk)
-        got = torch.full_like(ref, -5)
-        th.hip_mask(q, tiers.k, pbt, *qb[:3], ws, out=got, single_launch=single, host_k_cache=tiers.hk, **mk)
-        assert torch.equal(got, ref), f"single_launch={single}"
+    for norm in (window, 0):
+        for single in (False, True):
+            ref = th.hip_mask(q, kc, bt, *qb[:3], ws, single_launch=single, norm_window=norm, **mk)
+            got = torch.full_like(ref, -5)
+            th.hip_mask(q, tiers.k, pbt, *qb[:3], ws, out=got, single_launch=single, host_k_cache=tiers.hk,
+                        norm_window=norm, **mk)
+            assert torch.equal(got, ref), f"single_launch={single}, norm_window={norm}"
     idx = ref
 
     # hip_attention: the whole batch (prefill tiles), then the decode blocks alone with split-K
@@ -279,6 +282,9 @@ def test_reference_and_torch_tiered_match_untiered(dtype, gqa, page, bk):
     mk = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=2)
     idx = hip_mask_reference(q, kc, bt, *qb[:3], ws, **mk)
     assert torch.equal(hip_mask_reference(q, tiers.k, pbt, *qb[:3], ws, host_k_cache=tiers.hk, **mk), idx)
+    nidx = hip_mask_reference(q, kc, bt, *qb[:3], ws, norm_window=40, **mk)
+    assert torch.equal(hip_mask_reference(q, tiers.k, pbt, *qb[:3], ws, host_k_cache=tiers.hk, norm_window=40,
+                                          **mk), nidx)
     ak = dict(sink_tokens=sink, block_size_k=bk, scale=0.3)
     ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **ak)
     got = hip_attention_reference(q, tiers.k, tiers.v, pbt, seql, *qb, ws, idx, **tiers.kw, **ak)

@@ -153,11 +153,12 @@ def test_kv_write(dtype, page):
 
 
 # ---------------------------------------------------------------------------------------------- hip_mask
-def _mask_case(seq, q_lens, Hq, Hkv, D, page, dtype, bk, n, bq, stride, sink, window, seed):
+def _mask_case(seq, q_lens, Hq, Hkv, D, page, dtype, bk, n, bq, stride, sink, window, seed, norm=False):
     q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed)
     qb = make_query_blocks(qsl, seql, bq)
     ws = window_starts(qb[3], window, bk)
-    kw = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=stride)
+    kw = dict(n_select=n, block_size_q=bq, block_size_k=bk, sink_tokens=sink, query_stride=stride,
+              norm_window=window if norm else 0)
     ref = hip_mask_reference(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw)
     return q, kc, bt, qb, ws, kw, ref
 
@@ -179,9 +180,11 @@ MASK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("norm", [False, True], ids=["plain", "norm"])
 @pytest.mark.parametrize("single", [False, True], ids=["rounds", "single"])
 @pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"G{c[0]//c[1]}-D{c[2]}-p{c[3]}-{str(c[4])[6:]}-bk{c[5]}-n{c[6]}")
-def test_hip_mask_matches_reference(case, single):
+def test_hip_mask_matches_reference(case, single, norm):
+    """``norm``: the normalised score (offsets from sink and window keys, spread over the init programs)."""
     Hq, Hkv, D, page, dtype, bk, n, bq, stride = case
     sink, window = 4, 3 * bk + 5
     # ragged, unaligned; mixed decode (q_len 1) and prefill; one request with no candidates
@@ -189,7 +192,7 @@ def test_hip_mask_matches_reference(case, single):
     seq = [7 * L + 13, 3 * L + 5, 20 * L + 3, 9]
     q_lens = [1, 2 * bq + 3, 1, 9]
     q, kc, bt, qb, ws, kw, ref = _mask_case(seq, q_lens, Hq, Hkv, D, page, dtype, bk, n, bq, stride, sink, window,
-                                            seed=bk * 7 + n)
+                                            seed=bk * 7 + n, norm=norm)
     got = torch.full_like(ref, -5)
     th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=got, single_launch=single, **kw)
     _assert_mask_equal(got, ref, 0.0 if dtype == torch.float32 else 0.05)
@@ -241,6 +244,40 @@ def test_hip_mask_planted_needle():
     for (i, h), nb in needles.items():
         assert nb in got[i, h].tolist()
     _assert_mask_equal(got, hip_mask_reference(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw))
+
+
+@pytest.mark.parametrize("single", [False, True], ids=["rounds", "single"])
+def test_normalised_score_finds_a_quiet_heads_needle_beside_a_loud_head(single):
+    """One KV group of two query heads. Head 0 is loud: its query lies along a direction every key shares, so
+    its logits are high everywhere (sink and window included) and say nothing about where to look. Head 1 is
+    quiet but has a needle: one key block far outside its window that it scores well above anything it attends.
+    Under the raw score the loud head's noise decides the max over the group, and the needle is mostly lost;
+    the normalised score subtracts each head's best sink/window logit, so the needle wins. Exact scoring of all
+    candidates (``exact_blocks`` 16, one exact round) isolates the score from the search."""
+    g = torch.Generator().manual_seed(21)
+    Hq, Hkv, D, page, bk, n, sink, window, E = 2, 1, 32, 16, 4, 8, 8, 32, 16
+    lens = [300, 360, 420, 480, 520]
+    q, kc, vc, bt, qsl, seq = _problem(lens, [1] * len(lens), Hq, Hkv, D, page, torch.float32, seed=12)
+    u = torch.randn(D, generator=g)
+    u = (u / u.norm()).to(DEV)
+    kc.mul_(0.1).add_(u)  # every key shares u
+    q[:, 0] = 5.0 * u + 0.1 * q[:, 0]  # the loud head: ~5 on every key
+    qb = make_query_blocks(qsl, seq, 1)
+    ws = window_starts(qb[3], window, bk)
+    needles = []
+    for i in range(len(lens)):
+        nb = int(torch.randint(sink // bk + 1, int(ws[i]) // bk - 1, (1,), generator=g))
+        needles.append(nb)
+        quiet = q[i, 1] - (q[i, 1] @ u) * u  # head 1: orthogonal to u, so ~0 on ordinary keys
+        t = nb * bk + 1
+        kc[bt[i, t // page], t % page, 0] += 3.0 * quiet / quiet.norm() ** 2  # q1 . k ~ 3 at the needle
+    kw = dict(n_select=n, block_size_q=1, block_size_k=bk, sink_tokens=sink, query_stride=1, exact_blocks=E)
+    got = th.hip_mask(q, kc, bt, *qb[:3], ws, norm_window=window, single_launch=single, **kw)
+    _assert_mask_equal(got, hip_mask_reference(q, kc, bt, *qb[:3], ws, norm_window=window, **kw))
+    assert all(nb in got[i, 0].tolist() for i, nb in enumerate(needles)), (needles, got[:, 0].tolist())
+    plain = th.hip_mask(q, kc, bt, *qb[:3], ws, single_launch=single, **kw)
+    found_plain = sum(nb in plain[i, 0].tolist() for i, nb in enumerate(needles))
+    assert found_plain <= 2, f"the raw score found {found_plain} of 5 needles: the planted structure is too easy"
 
 
 @pytest.mark.parametrize("single", [False, True], ids=["rounds", "single"])

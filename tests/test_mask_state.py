@@ -8,9 +8,9 @@ from vllm_hip.mask_state import DecodeMaskState
 PAGE = 16
 
 
-def make(interval=4, slots=8, dense_below=0, window=32, bk=4, num_blocks=64):
+def make(interval=4, slots=8, dense_below=0, window=32, bk=4, num_blocks=64, first_steps=0):
     return DecodeMaskState(slots, num_blocks, "cpu", page_size=PAGE, window=window, block_size_k=bk,
-                           interval=interval, dense_below=dense_below)
+                           interval=interval, dense_below=dense_below, first_steps=first_steps)
 
 
 def table(*rows):
@@ -34,6 +34,20 @@ def test_refresh_every_interval_steps_and_reuse_in_between():
     bt = table([3, 9, 11, 12, 13, 14])
     seen = [bool(step(st, bt, [L]).refresh[0]) for L in range(40, 52)]
     assert seen == [True, False, False, False] * 3
+
+
+def test_first_decode_steps_each_refresh_then_every_interval():
+    """``mask_refresh_first_steps``: a fresh mask at each of the first steps, counted from the request's first
+    decode step (not from a multiple of the interval), then the interval schedule; again after a resume."""
+    st = make(interval=4, first_steps=2)
+    bt = table([3, 9, 11, 12, 13, 14])
+    seen = [bool(step(st, bt, [L]).refresh[0]) for L in range(41, 50)]
+    assert seen == [True, True, False, True, False, False, False, True, False]  # 41-42 first steps; 44, 48
+    other = make(interval=4, first_steps=3)  # starting at another length: its own first steps
+    assert [bool(step(other, bt, [L]).refresh[0]) for L in range(45, 51)] == [True, True, True, True, False, False]
+    # preempted and resumed: its prefill drops the slot, and the first steps start again
+    st.invalidate(bt, torch.tensor([60]), torch.tensor([0]))
+    assert [bool(step(st, bt, [L]).refresh[0]) for L in range(61, 66)] == [True, True, False, True, False]
 
 
 def test_slot_follows_the_request_across_pages():

@@ -104,10 +104,11 @@ def test_exact_stage_is_the_oracle_where_groups_fit_it():
         assert not torch.equal(hip_mask_reference(q, k, bt, *qb[:3], ws, exact_blocks=1, **kw), want)
 
 
-def test_normalised_in_engine_runs_the_normalised_score_on_a_compact_copy():
-    """The engine-side wrapper of the normalised score (``bench_quality.py vllm --score norm``) selects exactly what
-    the normalised score does on the whole cache, for a batch of requests on scattered pages of a larger pool."""
-    from mask_variants import _normalised, normalised_in_engine
+def test_reference_normalised_score_equals_the_augmented_dimension_construction():
+    """``hip_mask_reference(norm_window=W)`` (the backend's score: logits minus each row's best over sink and the
+    window's first W keys) selects what the search selects on ``mask_variants._normalised``'s augmented q and k
+    (the offset carried in an extra dimension), for a batch of requests on scattered pages of a larger pool."""
+    from mask_variants import _normalised
 
     g = torch.Generator().manual_seed(1)
     Hq, Hkv, D, page, pool = 6, 2, 16, 16, 48
@@ -118,7 +119,7 @@ def test_normalised_in_engine_runs_the_normalised_score_on_a_compact_copy():
     pos = torch.tensor([12 * page - 1, 11 * page - 5, 10 * page])
     ws = window_starts(pos, 32, 4)
     kw = dict(n_select=4, block_size_q=1, block_size_k=4, sink_tokens=8, query_stride=1, exact_blocks=8)
-    got = normalised_in_engine(hip_mask_reference, window=32)(q, k, bt, req, st, ln, ws, **kw)
+    got = hip_mask_reference(q, k, bt, req, st, ln, ws, norm_window=32, **kw)
     q2, k2 = _normalised(q, k, bt.long(), req, st, ln, ws, sink_tokens=8, window=32)
     assert torch.equal(got, hip_mask_reference(q2, k2, bt.long(), req, st, ln, ws, **kw))
     assert not torch.equal(got, hip_mask_reference(q, k, bt, req, st, ln, ws, **kw))  # the score did change

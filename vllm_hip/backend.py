@@ -166,7 +166,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self.decode_state = DecodeMaskState(
             slots, num_blocks, device, page_size=self.page_size, window=self.cfg.sliding_window,
             block_size_k=self.cfg.block_size_k, interval=self.cfg.mask_refresh_interval,
-            dense_below=self.cfg.dense_below_seq_len,
+            dense_below=self.cfg.dense_below_seq_len, first_steps=self.cfg.mask_refresh_first_steps,
         )
         self.no_indices = torch.full((1, self.num_kv_heads, 1), -1, dtype=torch.int32, device=device)
         # Decode metadata lives in persistent buffers, so a captured decode graph reads this step's values.

@@ -60,6 +60,13 @@ class HipConfig:
     there are at most 8n candidates): passkey margins lost to pruning fall from 0.69 to 0.21 nats
     (BENCHMARKS.md §4). A power of two, at most 16 (the exact round ranks n times this many scores in one
     program)."""
+    normalised_score: bool = True
+    """Judge candidate key blocks by each query head's logit *minus that head's best logit over its sink and
+    window keys* (which it attends anyway), instead of by the raw logit. The selection takes the max over a KV
+    group's query heads; with raw logits a head whose far keys add nothing to what it already attends can outbid
+    a retrieval head of the same group that needs one far block. On SmolLM2 at 8K it turns a missed passkey into
+    a right one with no prompt lost (BENCHMARKS.md §4). Costs one pass over the sink and window keys per query
+    block and KV head before the search (``sink_tokens + sliding_window`` keys). Needs ``sliding_window`` > 0."""
     sink_tokens: int = 128
     """First tokens every query attends to (attention sinks). Must be a multiple of ``block_size_k``."""
     sliding_window: int = 1024
@@ -78,9 +85,14 @@ class HipConfig:
     offload those chunks run on our Triton kernel instead (FlashAttention cannot read host pages), which is slower
     than HiP's at these lengths: leave it at 0 there."""
     mask_refresh_interval: int = 8
-    """A request re-estimates its decode mask at its first decode step and whenever its length reaches a
-    multiple of this (1 = every step): at most this many steps share one mask, and requests of different lengths
-    decoding together refresh at different steps."""
+    """A request re-estimates its decode mask at its first decode steps (``mask_refresh_first_steps``) and
+    whenever its length reaches a multiple of this (1 = every step): at most this many steps share one mask, and
+    requests of different lengths decoding together refresh at different steps."""
+    mask_refresh_first_steps: int = 8
+    """A request re-estimates its decode mask at every one of its first this many decode steps (again after a
+    preemption), then every ``mask_refresh_interval``. The answer's first tokens are where one mask reused over
+    several steps costs the most: on SmolLM2 at 8K a 5-digit passkey lost its last digit to a mask kept from the
+    first digit (BENCHMARKS.md §4). 0 or 1: only the first step."""
     mask_cache_slots: int = 0
     """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False
@@ -101,7 +113,8 @@ class HipConfig:
     def mask_kwargs(self) -> dict:
         """The selection settings every mask op takes (``ops.mask``, the kernels, the reference)."""
         return dict(n_select=self.n_select, block_size_q=self.block_size_q, block_size_k=self.block_size_k,
-                    sink_tokens=self.sink_tokens, query_stride=self.query_stride, exact_blocks=self.mask_exact_blocks)
+                    sink_tokens=self.sink_tokens, query_stride=self.query_stride, exact_blocks=self.mask_exact_blocks,
+                    norm_window=self.sliding_window if self.normalised_score else 0)
 
     # ------------------------------------------------------------------------------------ parsing
     @classmethod
@@ -126,9 +139,9 @@ class HipConfig:
         for name, value in raw.items():
             if name == "offload":
                 kwargs[name] = _parse_offload(value)
-            elif name == "record_stats":
+            elif name in ("record_stats", "normalised_score"):
                 if not isinstance(value, bool):
-                    raise HipConfigError(f"hip.record_stats must be true or false, got {value!r}")
+                    raise HipConfigError(f"hip.{name} must be true or false, got {value!r}")
                 kwargs[name] = value
             elif name == "dense_layers":
                 if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
@@ -149,7 +162,7 @@ class HipConfig:
             if getattr(self, name) <= 0:
                 raise HipConfigError(f"hip.{name} must be > 0, got {getattr(self, name)}")
         for name in ("sink_tokens", "sliding_window", "dense_below_seq_len", "prefill_dense_below_seq_len",
-                     "mask_cache_slots"):
+                     "mask_cache_slots", "mask_refresh_first_steps"):
             if getattr(self, name) < 0:
                 raise HipConfigError(f"hip.{name} must be >= 0, got {getattr(self, name)}")
         if 0 < self.prefill_dense_below_seq_len < self.dense_below_seq_len:
@@ -157,6 +170,9 @@ class HipConfig:
                 f"hip.prefill_dense_below_seq_len ({self.prefill_dense_below_seq_len}) must be 0 or at least "
                 f"hip.dense_below_seq_len ({self.dense_below_seq_len}): prompts that short decode densely anyway; "
                 f"set it to 0 to follow dense_below_seq_len")
+        if self.normalised_score and self.sliding_window == 0:
+            raise HipConfigError("hip.normalised_score needs the sliding window's keys to normalise by: set "
+                                 "hip.sliding_window > 0 or hip.normalised_score to false")
         bk = self.block_size_k
         if bk & (bk - 1):
             raise HipConfigError(f"hip.block_size_k must be a power of two, got {bk}")

@@ -13,9 +13,11 @@ found through its previous block (also private: it was the request's own last bl
 
 * ``slot_of_block[block]``: the slot last given to the request whose newest token was in ``block``;
 * ``slot_key[slot]``: the block that currently owns the slot (a lookup is valid only if it matches);
-* a request refreshes when it has no valid slot, or its length reaches a multiple of ``mask_refresh_interval``
-  (so at most that many steps reuse one mask, and requests of different lengths decoding together refresh at
-  different steps); new slots are taken from the slots no request of this step keeps (a prefix-sum allocation).
+* a request refreshes when it has no valid slot, at each of its first ``mask_refresh_first_steps`` decode steps
+  (``first_len[slot]``: its length when it took the slot), or when its length reaches a multiple of
+  ``mask_refresh_interval`` (so at most that many steps reuse one mask, and requests of different lengths
+  decoding together refresh at different steps); new slots are taken from the slots no request of this step
+  keeps (a prefix-sum allocation).
 
 Refreshes therefore happen at positions that depend only on the request itself, never on which other
 requests share the batch. Prefill steps (and any step of a request still in its prompt) drop the slot of
@@ -34,18 +36,20 @@ class DecodeMaskState:
     """Device-side slot table shared by all HiP layers of one KV-cache group."""
 
     def __init__(self, num_slots: int, num_blocks: int, device, *, page_size: int, window: int,
-                 block_size_k: int, interval: int, dense_below: int):
+                 block_size_k: int, interval: int, dense_below: int, first_steps: int = 0):
         self.num_slots = num_slots
         self.page_size = page_size
         self.window = window
         self.block_size_k = block_size_k
         self.interval = interval
         self.dense_below = dense_below
+        self.first_steps = first_steps
         n = num_slots + 1  # the last entry absorbs writes we do not want to keep (branch-free scatter)
         self.trash = num_slots
         self.slot_key = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.refresh_len = torch.zeros(n, dtype=torch.int64, device=device)
         self.window_start = torch.zeros(n, dtype=torch.int64, device=device)
+        self.first_len = torch.zeros(n, dtype=torch.int64, device=device)
         # Indexed by block id modulo its size (identity when num_blocks covers every id); the last entry
         # absorbs writes we do not keep. A wrong entry is harmless: a lookup must also match slot_key.
         self.num_blocks = num_blocks
@@ -80,8 +84,9 @@ class DecodeMaskState:
         one launch of the Triton kernel (CUDA) instead of ~100 small torch ops; the same result
         (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py)."""
         kw = dict(page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
-                  interval=self.interval, dense_below=self.dense_below, dense_to_fa=dense_to_fa)
-        state = (self.slot_key, self.refresh_len, self.window_start, self.slot_of_block)
+                  interval=self.interval, dense_below=self.dense_below, first_steps=self.first_steps,
+                  dense_to_fa=dense_to_fa)
+        state = (self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, self.first_len)
         if not triton:
             decode_plan_into_reference(*state, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
                                        refresh_out, **kw)

@@ -48,11 +48,11 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host
 
 
 def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-         block_size_k, sink_tokens, query_stride, exact_blocks=1, out=None, out_row=None, active=None,
-         host_k_cache=None) -> torch.Tensor:
+         block_size_k, sink_tokens, query_stride, exact_blocks=1, norm_window=0, out=None, out_row=None,
+         active=None, host_k_cache=None) -> torch.Tensor:
     """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows."""
     kw = dict(n_select=n_select, block_size_q=block_size_q, block_size_k=block_size_k,
-              sink_tokens=sink_tokens, query_stride=query_stride, exact_blocks=exact_blocks)
+              sink_tokens=sink_tokens, query_stride=query_stride, exact_blocks=exact_blocks, norm_window=norm_window)
     if host_k_cache is not None:
         kw["host_k_cache"] = host_k_cache
     if _use_triton(q):
