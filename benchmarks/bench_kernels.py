@@ -20,7 +20,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.reference import make_query_blocks, window_starts  # noqa: E402
+from kernels.reference import make_query_blocks, search_schedule, window_starts  # noqa: E402
 from kernels.triton_hip import hip_attention, hip_mask  # noqa: E402
 from vllm_hip.config import HipConfig  # noqa: E402  (the defaults the backend runs with; imports no vLLM)
 
@@ -85,11 +85,7 @@ def search_reads(count: int, n: int, exact: int, bk: int) -> tuple[int, int]:
     """Launches of the decode search over ``count`` candidate blocks and the keys it reads per head: each
     halving round scores 2n centre blocks; the exact round (groups still wider than one block) scores every
     block of the n surviving groups (about n x group size)."""
-    if count <= n:
-        return 0, 0
-    size, rounds = -(-count // n), 0
-    while size > exact:
-        size, rounds = -(-size // 2), rounds + 1
+    rounds, size = search_schedule(count, n, exact)
     return rounds + (size > 1), (rounds * 2 * n + (n * size if size > 1 else 0)) * bk
 
 

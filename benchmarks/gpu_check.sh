@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [throughput] [offload] [longest] [serve]   (default: all)
 #
 # install     installs this checkout into $SITE (default /tmp/site) with its entry point, so vLLM's
-#             engine processes load the plugin; converts SmolLM2 from $SMOLLM2_GGUF if given.
+#             engine processes load the plugin, and any other wheel in .gpu-assets (gguf: `pip wheel --no-deps
+#             -w .gpu-assets gguf`); converts SmolLM2 from $SMOLLM2_GGUF if given.
 # kernels     GPU kernel tests (tests/test_kernels_triton.py, real sizes).
 # vllm        HIP inside vLLM on the GPU (tests/test_gpu_vllm.py): equality with FLASH_ATTN, CUDA graphs,
 #             SmolLM2 passkey, no Triton compile while serving, offload equality. HIP_GPU_JOBS=a,b runs only
@@ -45,6 +46,10 @@ for step in $steps; do
       src=$(ls .gpu-assets/vllm_hip-*.whl 2>/dev/null | head -1)
       python3 -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "${src:-.}" 2>&1 \
         | grep -v "RECORD line" | tail -20
+      # other carried wheels (gguf, to convert SmolLM2's GGUF: the kit's vLLM does not bring it)
+      for w in .gpu-assets/*.whl; do
+        case $w in *vllm_hip-*) ;; *) python3 -m pip install -q --no-deps --no-index --target "$SITE" "$w" 2>&1 | tail -3 ;; esac
+      done
       if [ -n "${SMOLLM2_GGUF:-}" ] && [ ! -d .cache/smollm2 ]; then
         python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import assets; from pathlib import Path; \
 assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gguf(Path('$SMOLLM2_GGUF'), t, assets.SMOLLM2_DTYPE))"

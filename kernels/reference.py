@@ -339,6 +339,19 @@ def selected_fraction(seq_len: int, indices_row: torch.Tensor, window_start: int
     return attended / max(seq_len, 1)
 
 
+def search_schedule(count: int, n_select: int, exact_blocks: int = 1) -> tuple[int, int]:
+    """The search's schedule over ``count`` candidate blocks, on the host: ``(halving rounds, group size)``. The
+    groups start at ``ceil(count / n_select)`` blocks and are halved until none spans more than ``exact_blocks``;
+    an exact round follows when the size left is above 1. ``(0, 0)`` when all candidates are selected. (The
+    kernels decide the same per row on the device: ``hip_mask_reference`` and ``triton_hip._halving_rounds``.)"""
+    if count <= n_select:
+        return 0, 0
+    size, rounds = -(-count // n_select), 0
+    while size > exact_blocks:
+        size, rounds = -(-size // 2), rounds + 1
+    return rounds, size
+
+
 def num_rounds(candidates: int, n_select: int) -> int:
     """Refinement rounds of the hierarchy for ``candidates`` key blocks (0 when all are selected)."""
     if candidates <= n_select:

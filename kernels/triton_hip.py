@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import search_schedule
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch values that change with the batch (request count, query blocks, refinement round, split count) are
 # runtime arguments that Triton does not specialize on (``do_not_specialize``), never constexprs: one compiled
@@ -780,11 +782,7 @@ def hip_mask(
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
     max_count = max(0, (block_table.shape[1] * k_cache.shape[1]) // bk - int(sink_tokens) // bk)
-    n_rounds = 0
-    size = -(-max_count // max(n, 1))
-    while size > exact:
-        size = (size + 1) // 2
-        n_rounds += 1
+    n_rounds, size = search_schedule(max_count, max(n, 1), exact)
     n_rounds += size > 1  # the exact round
     # ping-pong rows start 16-byte aligned: Triton keys compiled kernels on pointer alignment
     width = _cdiv(QB * Hkv * n_pad, 4) * 4

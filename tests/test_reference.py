@@ -223,3 +223,17 @@ def test_attention_random_mask(bk):
 
     exp = _naive_attention(p, allowed, scale)
     torch.testing.assert_close(got.double(), exp, atol=1e-5, rtol=1e-5)
+
+
+def test_search_schedule_agrees_with_the_v3_round_count_and_known_cases():
+    """The host-side schedule (the Triton wrapper's static bound on launches, the kernel bench's key count): with
+    ``exact_blocks`` 1 it is plain v3's ``ceil(log2(ceil(count / n)))`` rounds down to single blocks."""
+    from kernels.reference import num_rounds, search_schedule
+
+    for count in (1, 7, 8, 9, 100, 1000, 4097, 16240, 131055):
+        for n in (1, 4, 8, 128, 256):
+            assert search_schedule(count, n, 1) == ((num_rounds(count, n), 1) if count > n else (0, 0))
+    assert search_schedule(1000, 16, 8) == (3, 8)  # 63 -> 32 -> 16 -> 8, then an exact round over 8 blocks
+    assert search_schedule(16240, 256, 8) == (3, 8)  # 128K at k 2048, bk 8: 64 -> 32 -> 16 -> 8
+    assert search_schedule(100, 16, 8) == (0, 7)  # one exact round at once
+    assert search_schedule(16, 16, 8) == (0, 0)  # all selected
