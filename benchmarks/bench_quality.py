@@ -184,7 +184,8 @@ def cmd_plot(a) -> None:
     """Redraw the heat maps from ``<out>/quality_vllm.json``."""
     d = json.loads((Path(a.out) / "quality_vllm.json").read_text())
     for b, acc in d["accuracy"].items():
-        conf = {"hip": json.dumps(d["hip"]), "hip-default": "(HipConfig defaults)"}.get(b, "")
+        conf = {"hip": json.dumps(d["hip"]) if d["hip"] else "(HipConfig defaults)",
+                "hip-default": "(HipConfig defaults)"}.get(b, "")
         heatmap(Path(a.out) / f"quality_passkey_{b}.png", f"SmolLM2-135M passkey, vLLM {b}\n{conf}",
                 d["lengths"], d["depths"], acc)
 

@@ -196,9 +196,13 @@ def layer_metrics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         hit_r = torch.gather(sel_mask[:, None, None, :].expand(Hkv, G, ln, L), -1, top_r)
         rec_sel += float(hit_r.float().mean(-1).sum())
         nq += ln * Hq
-        # block recall under HiP's own criterion
+        # block recall under HiP's own criterion: its block score, normalised (hip.normalised_score) or raw
         off = torch.arange(ln - 1, -1, -cfg.query_stride)  # scored rows (last row and every stride-th before)
         rb = raw[:, :, off, lo:w]  # [Hkv, G, nq, cand*bk]
+        nw = cfg.mask_kwargs["norm_window"]
+        if nw:  # each row's best logit over its sink and the window's first nw keys, as the selection subtracts
+            ref_keys = torch.cat([torch.arange(cfg.sink_tokens), torch.arange(w, w + nw)])
+            rb = rb - raw[:, :, off][..., ref_keys].amax(-1, keepdim=True)
         bscore = rb.amax(dim=(1, 2)).view(Hkv, -1, bk).amax(-1)  # [Hkv, cand]
         exact = bscore.topk(n, dim=-1).indices + lo // bk
         got = idx[j].long()
