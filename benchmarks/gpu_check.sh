@@ -16,7 +16,7 @@
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
 # longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1.4M tokens; LONGEST_HOST_GIB, default 72).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
-# profile     HIP alone at 6 x 128K with --profile: torch profiler (kernels, ops) and cProfile (plain Python) tables of
+# profile     HIP alone at 6 x 128K (PROFILE_ARGS replaces `--backends HIP --lengths 131072 --max-seqs 6`) with --profile: torch profiler (kernels, ops) and cProfile (plain Python) tables of
 #             the decode steps, for the host time the step spends outside GPU kernels (BENCHMARKS.md §2). Not in
 #             the default list.
 #
@@ -72,7 +72,7 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
     longest) python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1400000} --output-len 64 \
                --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-72}}" \
                --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
-    profile) python3 benchmarks/bench_throughput.py --backends HIP --lengths 131072 --max-seqs 6 --only-full \
+    profile) python3 benchmarks/bench_throughput.py ${PROFILE_ARGS:---backends HIP --lengths 131072 --max-seqs 6} --only-full \
                --output-len 96 --profile "$OUT" --log "$OUT/profile.jsonl" 2>&1 | tee "$OUT/bench_profile.log" | tail -6 ;;
     serve) [ -d /tmp/llama8b-dummy ] || python3 benchmarks/bench_throughput.py --model-only
            OUT="$OUT/serve" bash benchmarks/serve_bench.sh /tmp/llama8b-dummy "FLASH_ATTN HIP" ${SERVE_ARGS:-32768 256 32 8} \

@@ -158,6 +158,22 @@ def test_decode_batches_without_full_cuda_graph_are_named():
     assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 6, eager=True)) is None
 
 
+def test_short_rows_of_one_request_batches_stay_on_the_hip_kernel():
+    """The hand-over of short decode rows to FlashAttention is left out of batches that replay the full graph of
+    batch size 1 (there its call is mostly empty and costs more than it saves); the decision follows the graph a
+    batch replays, so a batch of one padded into the graph of 2 hands over as that graph was captured."""
+    from types import SimpleNamespace
+
+    from vllm_hip.backend import HipMetadataBuilder
+
+    def pays(sizes, n):
+        return HipMetadataBuilder._hand_over_pays(SimpleNamespace(_graph_sizes=sizes), n)
+
+    assert [pays([1, 2, 4, 8], n) for n in (1, 2, 3, 8, 9)] == [False, True, True, True, True]
+    assert pays([2, 4], 1), "replayed in the graph of 2, captured with the hand-over"
+    assert [pays([], n) for n in (1, 2)] == [False, True]  # eager: one request alone never hands over
+
+
 def test_short_decode_rows_go_to_flash_attention(tiny_model, prompts):
     """hip.dense_below_seq_len with FlashAttention present (a torch stand-in on CPU): in HiP layers, decode rows at
     or below the threshold are served by one FlashAttention call per layer and skipped by the HiP kernels, while

@@ -199,6 +199,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # Decode rows at or below hip.dense_below_seq_len in HiP layers: FlashAttention too (one more launch per
         # layer and step; the HiP kernels skip those rows). Offloaded layers have host pages FA cannot address.
         self._dense_rows_fa = self._fa_ok and self.cfg.dense_below_seq_len > 0 and not self.cfg.offload.enabled
+        # ... except in decode batches of one request, whose graph holds that call (its prepare, forward and
+        # combine kernels) whether or not the row is short. On the H200 the prepare and combine kernels alone take
+        # 4.4 us per layer and step (128K profile), while the HiP kernel serves an 8K row densely in 19.7 us against
+        # FlashAttention's 16.1 (bench_kernels, batch 1). The choice follows the size of the graph a batch replays,
+        # so capture and replay agree.
+        self._graph_sizes = compat.full_decode_graph_sizes(vllm_config) or []
         if ops.on_triton(self.no_indices):  # compile the HiP kernels now, not in the first long request's steps
             t0 = time.perf_counter()
             try:
@@ -208,8 +214,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                                     head_size=kv_cache_spec.head_size, page_size=self.page_size,
                                     block_table_width=width, cfg=self.cfg, host_tier=self.cfg.offload.enabled)
                 for prompt in (True, False):
-                    self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True,
-                                                dense_to_fa=self._dense_rows_fa)
+                    for to_fa in {False, self._dense_rows_fa}:
+                        self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True,
+                                                    dense_to_fa=to_fa)
                 logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)
             except Exception as e:  # only a warm-up: the kernels then compile at their first use
                 logger.warning("HIP: kernel warm-up failed (%r); kernels will compile at first use", e)
@@ -402,7 +409,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             d32 = self._h2d(dec_reqs)
             prompt32 = None if pre is None else pre[d32.long()].to(torch.int32)
         b = self._dec
-        to_fa = self._dense_rows_fa and rows_fa
+        to_fa = self._dense_rows_fa and rows_fa and self._hand_over_pays(n)
         # on CUDA one launch instead of ~100 small ops; rows past n (padding of a captured batch) stay inert
         self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b, self._dec_refresh,
                                     triton=ops.on_triton(seq_lens), dense_to_fa=to_fa)
@@ -412,6 +419,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
             mask_row=b["row"][:n], refresh=self._dec_refresh[:n], dense_rows=dense_rows,
         )
+
+    def _hand_over_pays(self, n: int) -> bool:
+        """Whether a step of ``n`` decode requests hands its short rows to FlashAttention: not when it replays
+        (or would replay) the full graph of batch size 1. Decided on the graph's size, not on ``n``, so a batch
+        padded into a larger graph decides as that graph's capture did."""
+        return next((s for s in self._graph_sizes if s >= n), n) >= 2
 
     def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, seq_lens_host) -> QueryBlocks:
         cfg = self.cfg
