@@ -106,6 +106,10 @@ def main():
                          "0 = raw score). Every mask row also times the raw score, same run")
     ap.add_argument("--fa3-from", default=None, help="earlier bench log: take FA3 times from it when FA3 is absent")
     ap.add_argument("--sweep", action="store_true", help="also sweep split-K (decode) and block_n (prefill)")
+    ap.add_argument("--idle-sweep", action="store_true",
+                    help="decode: the mask refreshing and idle (no refresh) by programs per (request, head)")
+    ap.add_argument("--table-tokens", type=int, default=131072 + 272,
+                    help="--idle-sweep: block-table width in tokens (vLLM's max_model_len; sets the static rounds)")
     ap.add_argument("--decode-batches", default="1,16", help="decode batch sizes (6: the engine's 128K point)")
     args = ap.parse_args()
     bk, bq, stride = args.bk, args.bq, args.stride
@@ -196,6 +200,19 @@ def main():
             res = [f"{p}: {bench_graph(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, programs=p, **mk)):.1f}"
                    for p in (8, 16, 32, 64, 128)]
             log(f"  sweep T={T} B={B} mask us by programs per (request, head): " + ", ".join(res))
+        if args.idle_sweep and not tag:
+            # The mask launches of a decode step without refreshes (every query block inactive) find no work but
+            # still launch; in vLLM the block table is as wide as max_model_len, which sets the number of rounds.
+            wide = torch.zeros(B, max(nblk, args.table_tokens // PAGE), dtype=torch.int32, device=dev)
+            wide[:, :nblk] = bt
+            act = {a: torch.full((B,), a, dtype=torch.int8, device=dev) for a in (0, 1)}
+            res = []
+            for p in (None, 4, 8, 16, 32, 64):
+                t = [bench_graph(lambda: hip_mask(q, kc, wide, qb[0], qb[1], qb[2], ws, out=idx, active=act[a],
+                                                  programs=p, **mk)) for a in (1, 0)]
+                res.append(f"{p or 'auto'}: {t[0]:.1f} / {t[1]:.1f}")
+            log(f"  idle sweep T={T} B={B} table {args.table_tokens} tokens: mask us refreshing / idle (no refresh) "
+                f"by programs per (request, head): " + ", ".join(res))
         log(f"decode{tag} T={T:>8} B={B:>2} bk={bk_:>2}: refresh {t_ref:8.1f} us (mask {t_mask:7.1f}, {rounds} rounds,"
             f" {b_mask / t_mask / 1e3:5.0f} GB/s; raw score {t_mask_raw:7.1f}) | reuse {t_reuse:7.1f} us ({b_att / t_reuse / 1e3:5.0f} GB/s) | "
             f"dense FA3 {t_fa:8.1f} us ({B * kv_bytes(T) / t_fa / 1e3:5.0f} GB/s), "

@@ -727,7 +727,8 @@ def hip_mask(
     rounds in one program per (qb, head) (identical result; 12x slower for decode batch 1, ~12% faster for
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
-    in each round of the per-round path (default: enough for ~16 per SM); a tuning knob for benchmarks.
+    in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
+    for benchmarks.
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -803,7 +804,14 @@ def hip_mask(
     )
     ch = krows // bk
     total_chunks = _cdiv(2 * n, ch)
-    nch = max(1, min(total_chunks, programs or _cdiv(16 * _num_sms(dev), QB * Hkv)))
+    if programs is None:
+        if nq == 1:  # decode: ~4 waves' worth of programs, a power of two per (qb, head); measured on the H200
+            # (bench_kernels --idle-sweep, 32K and 128K): B=1 64, B=6 8, B=16 4 programs were the fastest, refreshing
+            # and idle alike (B=16 128K: 420 us against 455 with the ~16 per SM below)
+            programs = 1 << (_cdiv(4 * _num_sms(dev), QB * Hkv).bit_length() - 1)
+        else:
+            programs = _cdiv(16 * _num_sms(dev), QB * Hkv)
+    nch = max(1, min(total_chunks, programs))
     cpp = _cdiv(total_chunks, nch)
     nch = _cdiv(total_chunks, cpp)
     # Arguments shared by every round, built once (this wrapper runs per layer per step in eager steps).
