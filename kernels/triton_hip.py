@@ -715,6 +715,7 @@ def hip_mask(
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
     exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
+    krows: int | None = None, num_warps: int | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -728,7 +729,7 @@ def hip_mask(
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
-    for benchmarks.
+    for benchmarks; so are ``krows`` (key rows scored per chunk) and ``num_warps``.
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -751,10 +752,18 @@ def hip_mask(
     nq_p = _p2(nq)
     m_pad = max(16, _p2(G * nq_p))
     bk = int(block_size_k)
-    # 64-key chunks for decode-sized M; 32 for prefill (M = 128 rows): measured faster on H200 (run 1 vs run 2)
-    krows = max(64 if m_pad <= 64 else 32, bk, 16)
+    # Prefill tiles (M = 4 heads x 32 strided rows = 128): 128-key chunks with 4 warps, measured on the H200 at 128K
+    # (sweep_prefill.py, same indices): 46.6 ms against 72.1 with the earlier 32 keys / 8 warps (k 2048), 29.7
+    # against 44.5 (k 1024); 16/32/64/256 keys and 8 warps were all slower.
+    # Decode tiles (M = 16) keep 64 keys: 128 was faster in the kernel bench (128K mask 86.0 -> 70.9 us at batch 1,
+    # 165.7 -> 124.2 at batch 6) but gave nothing end to end in vLLM (BENCHMARKS.md §2, 2026-12-02).
+    krows_arg, krows = krows, max(64 if m_pad <= 64 else 128, bk, 16)
+    big_tile = m_pad * krows > 64 * 64
     if D >= 256:
         krows = max(32, bk)
+    if krows_arg:
+        krows = max(int(krows_arg), bk)
+    nw = num_warps or (8 if big_tile and D > 128 else 4)
     if single_launch is None:
         single_launch = QB * Hkv >= 4 * _num_sms(dev)
     has_active = active is not None
@@ -778,7 +787,7 @@ def hip_mask(
             int(sink_tokens), k_cache.shape[1], int(norm_window), *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
-            NORM=norm, num_warps=4 if m_pad * krows <= 64 * 64 else 8,
+            NORM=norm, num_warps=nw,
         )
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
@@ -800,7 +809,7 @@ def hip_mask(
         k_cache.shape[1], int(norm_window), *tier,
         G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride), KROWS=krows,
         HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, NORM=norm,
-        num_warps=(4 if m_pad * krows <= 64 * 64 else 8) if norm else 1,
+        num_warps=nw if norm else 1,
     )
     ch = krows // bk
     total_chunks = _cdiv(2 * n, ch)
@@ -821,7 +830,7 @@ def hip_mask(
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
-                SC_W=sc_w, NORM=norm, NS=ns, num_warps=4 if m_pad * krows <= 64 * 64 else 8)
+                SC_W=sc_w, NORM=norm, NS=ns, num_warps=nw)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
         kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *norm_arg, *mid, r, cpp, *tier, **meta)
@@ -995,7 +1004,8 @@ def hip_attention(
     q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start, indices, *,
     sink_tokens: int, block_size_k: int, scale: float, out=None, indices_row=None,
     num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
-    host_k_cache=None, host_v_cache=None,
+    host_k_cache=None, host_v_cache=None, num_warps: int | None = None, num_stages: int | None = None,
+    rows: int | None = None,
 ):
     """Block-sparse attention, same result as ``hip_attention_reference``.
 
@@ -1003,7 +1013,8 @@ def hip_attention(
     ``num_splits``: split-K factor (default: automatic, > 1 only when the grid is small, e.g. decode).
     ``block_size_q``: largest query-block length (a hint for the tile height; default: 1 if every block is one
     row, i.e. ``T == QB``, else 64). ``host_k_cache`` / ``host_v_cache``: host tier of a two-tier cache (both
-    or neither; module docstring). No host sync.
+    or neither; module docstring). ``num_warps`` / ``num_stages`` / ``rows`` (query rows per tile, times the G
+    heads = the tile height): launch knobs for benchmarks (default: the measured choice below). No host sync.
     """
     assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
@@ -1021,11 +1032,14 @@ def hip_attention(
         indices_row = torch.arange(QB, dtype=torch.int32, device=dev)
     n = indices.shape[-1]
     max_len = 1 if T == QB else (block_size_q or 64)
-    m_cap = 128 if D <= 128 else 64
-    qr = max(1, min(m_cap // G if G <= m_cap else 1, _p2(max_len)))
+    # Prefill tiles of 256 rows (a whole 64-query block of a 4-head group in one pass, so each gathered K/V tile
+    # serves twice the rows) with 32-key tiles: 33.0 ms at 128K on the H200 against 44.4 for 128 rows x 64 keys
+    # (sweep_prefill.py; 36 variants of rows, block_n, warps, stages). Decode tiles (one row per head) keep 64 keys.
+    m_cap = 256 if D <= 128 else 64
+    qr = max(1, min(m_cap // G if G <= m_cap else 1, _p2(max_len))) if rows is None else int(rows)
     M = max(16, _p2(qr * G))
     if block_n is None:
-        block_n = 64 if D <= 128 else 32
+        block_n = 32 if M >= 256 or D > 128 else 64
         if _INTERPRET:
             block_n = 32
     if num_splits is None:
@@ -1040,7 +1054,10 @@ def hip_attention(
         plse = torch.empty((S * T * Hq,), dtype=torch.float32, device=dev)
     else:
         po = plse = out
-    num_warps = 4 if M * max(D, DV) <= 64 * 128 else 8
+    if num_warps is None:
+        num_warps = 4 if M * max(D, DV) <= 64 * 128 else 8
+    if num_stages is None:
+        num_stages = 2 if S > 1 else 3
     tiered = _is_tiered(host_k_cache)
     tier = (*_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache), k_cache.shape[0]) if tiered else ()
     (_hip_attn_kernel_tiered if tiered else _hip_attn_kernel)[(QB, Hkv, S)](
@@ -1051,7 +1068,7 @@ def hip_attention(
         indices.stride(0), indices.stride(1), indices.stride(2), out.stride(0), out.stride(1), out.stride(2),
         QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634, *tier,
         G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
-        SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=2 if S > 1 else 3,
+        SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, num_warps=num_warps, num_stages=num_stages,
     )
     if S > 1:
         _merge_kernel[(QB, Hq, max_len)](po, plse, out, qb_start, qb_len, T, Hq, out.stride(0), out.stride(1), out.stride(2),

@@ -7,7 +7,7 @@ from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 def test_defaults_follow_the_paper_except_key_block_size_and_budget():
     c = HipConfig.from_dict(None)
     assert (c.k, c.block_size_q, c.block_size_k, c.query_stride) == (1024, 64, 8, 2)
-    assert (c.sink_tokens, c.sliding_window, c.dense_layers, c.mask_refresh_interval) == (128, 1024, (0, 1, 2), 8)
+    assert (c.sink_tokens, c.sliding_window, c.dense_layers, c.mask_refresh_interval) == (128, 2048, (0, 1, 2), 8)
     assert c.n_select == 128
     assert c.mask_exact_blocks == 8
     assert c.mask_kwargs == dict(n_select=128, block_size_q=64, block_size_k=8, sink_tokens=128, query_stride=2,

@@ -1,0 +1,165 @@
+"""Launch-knob sweep of the HiP prefill kernels at one long prompt, and the selection budgets side by side.
+
+One Llama-3.1-8B attention layer (32 q / 8 kv heads, head 128, bf16, page 16), one request of ``--tokens`` in one
+chunk, random inputs. Prints, for each HiP budget (``--budgets``: k/window pairs with the same sink):
+  * prefill mask and attention ms with the wrappers' defaults, and decode mask us at batch 1 and 6 (CUDA graph);
+  * with ``--sweep``: the attention by (query rows per tile, block_n, num_warps, num_stages) and the mask by
+    (krows, num_warps, one launch or per round), each variant checked against the default's output (mask: same
+    indices; attention: max abs difference) so a fast wrong variant cannot win.
+Usage: ``python benchmarks/sweep_prefill.py [--tokens 131072] [--sweep] [--log FILE]``.
+"""
+import argparse
+import datetime
+import itertools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.reference import make_query_blocks, window_starts  # noqa: E402
+from kernels.triton_hip import hip_attention, hip_mask  # noqa: E402
+from vllm_hip.config import HipConfig  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+LOG = []
+
+
+def log(s=""):
+    print(s, flush=True)
+    LOG.append(s)
+
+
+def ms(fn):
+    return triton.testing.do_bench(fn, warmup=5, rep=40)
+
+
+def us_graph(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
+
+
+def _lists(spec):
+    return [[int(x) for x in part.split(",")] for part in spec.split("/")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--budgets", default="2048/1024,1024/2048", help="k/window pairs")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4",
+                    help="attention sweep: rows/block_n/warps/stages lists")
+    ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0", help="mask sweep: krows/warps/one-launch lists")
+    ap.add_argument("--decode-grid", default="", help="decode mask sweep (B=1, 6): krows/warps lists")
+    ap.add_argument("--log", default=None)
+    a = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    T = a.tokens
+    props = torch.cuda.get_device_properties(0)
+    log(f"# sweep_prefill {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  GPU: {props.name} "
+        f"({props.multi_processor_count} SMs)  torch {torch.__version__}  triton {triton.__version__}  T={T}")
+    base = HipConfig()
+    torch.manual_seed(0)
+    nblk = T // PAGE
+    kc = torch.randn(nblk, PAGE, HKV, D, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    bt = torch.randperm(nblk, device=dev, dtype=torch.int32)[None]
+    q = torch.randn(T, HQ, D, device=dev, dtype=dt)
+    seq = torch.tensor([T], device=dev, dtype=torch.int32)
+    qb = make_query_blocks(torch.tensor([0, T], device=dev, dtype=torch.int32), seq, base.block_size_q)
+    QB = qb[0].shape[0]
+    out = torch.empty_like(q)
+    scale = D**-0.5
+    B6 = 6
+    qd = torch.randn(B6, HQ, D, device=dev, dtype=dt)
+    btd = torch.stack([torch.randperm(nblk, device=dev, dtype=torch.int32) for _ in range(B6)])
+    seqd = torch.full((B6,), T, device=dev, dtype=torch.int32)
+    qbd = make_query_blocks(torch.arange(B6 + 1, device=dev, dtype=torch.int32), seqd, 1)
+    for budget in a.budgets.split(","):
+        k, w = (int(x) for x in budget.split("/"))
+        cfg = HipConfig.from_dict({"k": k, "sliding_window": w})
+        mk = cfg.mask_kwargs
+        n = mk["n_select"]
+        ws = window_starts(qb[3], w, cfg.block_size_k)
+        idx = torch.full((QB, HKV, n), -1, dtype=torch.int32, device=dev)
+        ak = dict(sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=scale,
+                  block_size_q=cfg.block_size_q)
+        t_mask = ms(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, **mk))
+        ref_idx = idx.clone()
+        t_att = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, **ak))
+        ref_out = out.clone()
+        dec = []
+        for B in (1, B6):
+            wsd = window_starts(qbd[3][:B], w, cfg.block_size_k)
+            idd = torch.full((B, HKV, n), -1, dtype=torch.int32, device=dev)
+            dmk = dict(mk, block_size_q=1, query_stride=1)
+            dec.append(us_graph(lambda: hip_mask(qd[:B], kc, btd[:B], qbd[0][:B], qbd[1][:B], qbd[2][:B], wsd,
+                                                 out=idd, **dmk)))
+        log(f"budget k={k} window={w} (n={n}, exact {mk['exact_blocks']}, norm window {mk['norm_window']}): "
+            f"prefill mask {t_mask:.2f} ms, attention {t_att:.2f} ms, total {t_mask + t_att:.2f} ms | decode mask "
+            f"B=1 {dec[0]:.1f} us, B=6 {dec[1]:.1f} us")
+        if not a.sweep:
+            continue
+        res = []
+        # the attention reads sink + window + k keys whatever the split: swept once, with the last budget's mask
+        grid = itertools.product(*_lists(a.att_grid)) if budget == a.budgets.split(",")[-1] else ()
+        for rows, bn, nw, ns in grid:
+            try:
+                out.zero_()
+                t = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, rows=rows, block_n=bn,
+                                             num_warps=nw, num_stages=ns, **ak))
+                err = (out.float() - ref_out.float()).abs().max().item()
+                res.append((t, f"rows={rows} block_n={bn} warps={nw} stages={ns}: {t:.2f} ms (max err {err:.1e})"))
+            except Exception as e:  # noqa: BLE001
+                res.append((1e9, f"rows={rows} block_n={bn} warps={nw} stages={ns}: {type(e).__name__}"))
+        res.sort()
+        if res:
+            log(f"  attention sweep, fastest first (default {t_att:.2f} ms):")
+        for _, s in res[:12]:
+            log("    " + s)
+        res = []
+        for kr, nw, one in itertools.product(*_lists(a.mask_grid)):
+            one = bool(one)
+            try:
+                idx.fill_(-1)
+                t = ms(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, krows=kr, num_warps=nw,
+                                        single_launch=one, **mk))
+                same = bool(torch.equal(idx, ref_idx))
+                res.append((t, f"krows={kr} warps={nw} {'one launch' if one else 'per round'}: {t:.2f} ms "
+                               f"(same indices: {same})"))
+            except Exception as e:  # noqa: BLE001
+                res.append((1e9, f"krows={kr} warps={nw} one={one}: {type(e).__name__}"))
+        res.sort()
+        log(f"  mask sweep, fastest first (default {t_mask:.2f} ms):")
+        for _, s in res[:10]:
+            log("    " + s)
+        for B in (1, B6) if a.decode_grid else ():
+            wsd = window_starts(qbd[3][:B], w, cfg.block_size_k)
+            idd = torch.full((B, HKV, n), -1, dtype=torch.int32, device=dev)
+            dmk = dict(mk, block_size_q=1, query_stride=1)
+            def run(**kw):
+                hip_mask(qd[:B], kc, btd[:B], qbd[0][:B], qbd[1][:B], qbd[2][:B], wsd, out=idd, **dmk, **kw)
+
+            run()
+            ref_d = idd.clone()
+            res = []
+            for kr, nw in itertools.product(*_lists(a.decode_grid)):
+                try:
+                    idd.fill_(-1)
+                    t = us_graph(lambda: run(krows=kr, num_warps=nw))
+                    res.append((t, f"krows={kr} warps={nw}: {t:.1f} us (same indices: {torch.equal(idd, ref_d)})"))
+                except Exception as e:  # noqa: BLE001
+                    res.append((1e9, f"krows={kr} warps={nw}: {type(e).__name__}"))
+            res.sort()
+            log(f"  decode mask sweep B={B}, fastest first (default {dec[0 if B == 1 else 1]:.1f} us):")
+            for _, s in res[:6]:
+                log("    " + s)
+        del idx
+    if a.log:
+        with open(a.log, "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    main()
