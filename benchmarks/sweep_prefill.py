@@ -39,6 +39,23 @@ def us_graph(fn):
     return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
 
 
+def _report(title, top, variants):
+    """Run each ``(label, trial)`` (``trial() -> (time, note)``; a variant that fails to compile or launch is listed
+    by its error) and log the ``top`` fastest."""
+    res = []
+    for label, trial in variants:
+        try:
+            t, note = trial()
+            res.append((t, f"{label}: {note}"))
+        except Exception as e:  # noqa: BLE001
+            res.append((float("inf"), f"{label}: {type(e).__name__}"))
+    res.sort(key=lambda r: r[0])
+    if res:
+        log(title)
+    for _, s in res[:top]:
+        log("    " + s)
+
+
 def _lists(spec):
     return [[int(x) for x in part.split(",")] for part in spec.split("/")]
 
@@ -101,60 +118,48 @@ def main():
             f"B=1 {dec[0]:.1f} us, B=6 {dec[1]:.1f} us")
         if not a.sweep:
             continue
-        res = []
         # the attention reads sink + window + k keys whatever the split: swept once, with the last budget's mask
         grid = itertools.product(*_lists(a.att_grid)) if budget == a.budgets.split(",")[-1] else ()
-        for rows, bn, nw, ns in grid:
-            try:
-                out.zero_()
-                t = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, rows=rows, block_n=bn,
-                                             num_warps=nw, num_stages=ns, **ak))
-                err = (out.float() - ref_out.float()).abs().max().item()
-                res.append((t, f"rows={rows} block_n={bn} warps={nw} stages={ns}: {t:.2f} ms (max err {err:.1e})"))
-            except Exception as e:  # noqa: BLE001
-                res.append((1e9, f"rows={rows} block_n={bn} warps={nw} stages={ns}: {type(e).__name__}"))
-        res.sort()
-        if res:
-            log(f"  attention sweep, fastest first (default {t_att:.2f} ms):")
-        for _, s in res[:12]:
-            log("    " + s)
-        res = []
-        for kr, nw, one in itertools.product(*_lists(a.mask_grid)):
-            one = bool(one)
-            try:
-                idx.fill_(-1)
-                t = ms(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, krows=kr, num_warps=nw,
-                                        single_launch=one, **mk))
-                same = bool(torch.equal(idx, ref_idx))
-                res.append((t, f"krows={kr} warps={nw} {'one launch' if one else 'per round'}: {t:.2f} ms "
-                               f"(same indices: {same})"))
-            except Exception as e:  # noqa: BLE001
-                res.append((1e9, f"krows={kr} warps={nw} one={one}: {type(e).__name__}"))
-        res.sort()
-        log(f"  mask sweep, fastest first (default {t_mask:.2f} ms):")
-        for _, s in res[:10]:
-            log("    " + s)
+
+        def attention(rows, bn, nw, ns):
+            out.zero_()
+            t = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, rows=rows, block_n=bn,
+                                         num_warps=nw, num_stages=ns, **ak))
+            return t, f"{t:.2f} ms (max err {(out.float() - ref_out.float()).abs().max().item():.1e})"
+
+        _report(f"  attention sweep, fastest first (default {t_att:.2f} ms):", 12,
+                ((f"rows={r} block_n={bn} warps={nw} stages={ns}",
+                  lambda r=r, bn=bn, nw=nw, ns=ns: attention(r, bn, nw, ns)) for r, bn, nw, ns in grid))
+
+        def mask(kr, nw, one):
+            idx.fill_(-1)
+            t = ms(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, krows=kr, num_warps=nw,
+                                    single_launch=one, **mk))
+            return t, f"{t:.2f} ms (same indices: {torch.equal(idx, ref_idx)})"
+
+        _report(f"  mask sweep, fastest first (default {t_mask:.2f} ms):", 10,
+                ((f"krows={kr} warps={nw} {'one launch' if one else 'per round'}",
+                  lambda kr=kr, nw=nw, one=one: mask(kr, nw, bool(one)))
+                 for kr, nw, one in itertools.product(*_lists(a.mask_grid))))
         for B in (1, B6) if a.decode_grid else ():
             wsd = window_starts(qbd[3][:B], w, cfg.block_size_k)
             idd = torch.full((B, HKV, n), -1, dtype=torch.int32, device=dev)
             dmk = dict(mk, block_size_q=1, query_stride=1)
-            def run(**kw):
+
+            def run(B=B, wsd=wsd, idd=idd, dmk=dmk, **kw):
                 hip_mask(qd[:B], kc, btd[:B], qbd[0][:B], qbd[1][:B], qbd[2][:B], wsd, out=idd, **dmk, **kw)
 
             run()
             ref_d = idd.clone()
-            res = []
-            for kr, nw in itertools.product(*_lists(a.decode_grid)):
-                try:
-                    idd.fill_(-1)
-                    t = us_graph(lambda: run(krows=kr, num_warps=nw))
-                    res.append((t, f"krows={kr} warps={nw}: {t:.1f} us (same indices: {torch.equal(idd, ref_d)})"))
-                except Exception as e:  # noqa: BLE001
-                    res.append((1e9, f"krows={kr} warps={nw}: {type(e).__name__}"))
-            res.sort()
-            log(f"  decode mask sweep B={B}, fastest first (default {dec[0 if B == 1 else 1]:.1f} us):")
-            for _, s in res[:6]:
-                log("    " + s)
+
+            def decode(kr, nw, idd=idd, ref_d=ref_d, run=run):
+                idd.fill_(-1)
+                t = us_graph(lambda: run(krows=kr, num_warps=nw))
+                return t, f"{t:.1f} us (same indices: {torch.equal(idd, ref_d)})"
+
+            _report(f"  decode mask sweep B={B}, fastest first (default {dec[0 if B == 1 else 1]:.1f} us):", 6,
+                    ((f"krows={kr} warps={nw}", lambda kr=kr, nw=nw: decode(kr, nw))
+                     for kr, nw in itertools.product(*_lists(a.decode_grid))))
         del idx
     if a.log:
         with open(a.log, "w") as f:
