@@ -11,7 +11,7 @@ def test_defaults_follow_the_paper_except_key_block_size_and_budget():
     assert c.n_select == 128
     assert c.mask_exact_blocks == 8
     assert c.mask_kwargs == dict(n_select=128, block_size_q=64, block_size_k=8, sink_tokens=128, query_stride=2,
-                                 exact_blocks=8, norm_window=1024)
+                                 exact_blocks=8, norm_window=2048)
     assert c.normalised_score and c.mask_refresh_first_steps == 8
     assert HipConfig.from_dict({"normalised_score": False}).mask_kwargs["norm_window"] == 0
 
