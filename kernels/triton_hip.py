@@ -757,13 +757,9 @@ def hip_mask(
     # against 44.5 (k 1024); 16/32/64/256 keys and 8 warps were all slower.
     # Decode tiles (M = 16) keep 64 keys: 128 was faster in the kernel bench (128K mask 86.0 -> 70.9 us at batch 1,
     # 165.7 -> 124.2 at batch 6) but gave nothing end to end in vLLM (BENCHMARKS.md §2, 2026-12-02).
-    krows_arg, krows = krows, max(64 if m_pad <= 64 else 128, bk, 16)
-    big_tile = m_pad * krows > 64 * 64
-    if D >= 256:
-        krows = max(32, bk)
-    if krows_arg:
-        krows = max(int(krows_arg), bk)
-    nw = num_warps or (8 if big_tile and D > 128 else 4)
+    default_krows = max(32, bk) if D >= 256 else max(64 if m_pad <= 64 else 128, bk, 16)
+    krows = max(int(krows), bk) if krows else default_krows
+    nw = num_warps or (4 if D <= 128 or m_pad * krows <= 64 * 64 else 8)
     if single_launch is None:
         single_launch = QB * Hkv >= 4 * _num_sms(dev)
     has_active = active is not None

@@ -10,14 +10,14 @@ from conftest import run_vllm
 # ------------------------------------------------------------------------------------------- passkey
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 PASSKEY_TOKENS = 4000  # ~3980 tokens with the chat template
-# HiP settings of both tests: HipConfig defaults but the window (below). block_size_k defaults to 8 (not the paper's 2) because of this
-# test (BENCHMARKS_quality.md, "Passkey at 4K"): with 2, SmolLM2 answers 2/5 in vLLM where dense answers 5/5.
-# Its 5-digit key is 5 single-digit tokens; a decode mask of 2-token blocks, reused for mask_refresh_interval=8
+# HiP settings of both tests: HipConfig defaults but the window (below). block_size_k defaults to 8 (not the
+# paper's 2) because of this test (BENCHMARKS.md §4): with 2, SmolLM2 answers 2/5 in vLLM where dense answers
+# 5/5. Its 5-digit key is 5 single-digit tokens; a decode mask of 2-token blocks, reused for mask_refresh_interval=8
 # steps, covers the next digit or two but not the rest (" 604." for 60494), and at 50 % depth the prefill mask
 # of the last query block misses the key (" 1586."). With 8-token blocks one block holds the whole key: 5/5.
 # The window is the one setting the tests pin below its default (2048): at the 4K tokens CI can afford, 2048 leaves
 # HiP too little to select for a wrong selection to show (sink + window + k = 3,200 of 4,096), while 1024 (the
-# default until 2026-12-01, the H200 benchmarks' setting) keeps the prompt 1.8x the budget.
+# default until 2026-12-02) keeps the prompt 1.9x the budget.
 HIP_QUALITY: dict = {"sliding_window": 1024}
 
 

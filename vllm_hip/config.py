@@ -72,7 +72,7 @@ class HipConfig:
     sliding_window: int = 2048
     """Most recent tokens every query attends to, on top of the selected blocks. A query's true top keys are
     mostly recent: on SmolLM2 at 8K, token-level top-k recall is 0.84 with 1024, 0.90 with 1536 and 0.93 with
-    2048 (BENCHMARKS.md §4). Long-context GPU runs often use 1024 (the H200 benchmarks do)."""
+    2048 (BENCHMARKS.md §4). The H200 benchmarks run 2048 too (with k 1024: the paper's 3,200-key budget)."""
     dense_layers: tuple[int, ...] = (0, 1, 2)
     """Layer indices that keep dense attention (the paper keeps the first 3 dense)."""
     dense_below_seq_len: int = 0
