@@ -255,11 +255,12 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--backends", default="FLASH_ATTN,HIP", help="FLASH_ATTN, HIP, HIP_OFFLOAD (HIP + --offload)")
     # HipConfig's defaults (k 1024 + window 2048: the budget whose quality BENCHMARKS.md §4 measures; spelled out so
-    # the log names them), with FlashAttention below 16K (decode) / 32K (prefill), where it is faster on the H200
+    # the log names them), with FlashAttention below 16K, where it is faster on the H200 (prefill: 32K until the
+    # prefill tiles of 2026-12-02, which made a 16K HiP chunk ending at 32K cheaper than FA3's, BENCHMARKS.md §2)
     ap.add_argument("--hip", default=json.dumps({"k": 1024, "block_size_k": 8, "block_size_q": 64,
                                                   "sink_tokens": 128, "sliding_window": 2048,
                                                   "dense_layers": [0, 1, 2], "dense_below_seq_len": 16384,
-                                                  "prefill_dense_below_seq_len": 32768}))
+                                                  "prefill_dense_below_seq_len": 16384}))
     ap.add_argument("--model-dir", default="/tmp/llama8b-dummy")
     ap.add_argument("--tokenizer-dir", default=None, help="dir with tokenizer files (default: tiny test model)")
     ap.add_argument("--gpu-mem", type=float, default=0.9)

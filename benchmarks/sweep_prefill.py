@@ -65,8 +65,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--budgets", default="2048/1024,1024/2048", help="k/window pairs")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4",
-                    help="attention sweep: rows/block_n/warps/stages lists")
+    ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4/1/1",
+                    help="attention sweep: rows/block_n/warps/stages/causal_tail/lazy_rescale lists")
     ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0", help="mask sweep: krows/warps/one-launch lists")
     ap.add_argument("--decode-grid", default="", help="decode mask sweep (B=1, 6): krows/warps lists")
     ap.add_argument("--log", default=None)
@@ -113,6 +113,14 @@ def main():
             dmk = dict(mk, block_size_q=1, query_stride=1)
             dec.append(us_graph(lambda: hip_mask(qd[:B], kc, btd[:B], qbd[0][:B], qbd[1][:B], qbd[2][:B], wsd,
                                                  out=idd, **dmk)))
+        # decode attention at batch 6 over the last decode mask, for the two attention knobs (CUDA graph)
+        outd = torch.empty_like(qd)
+        dak = dict(ak, block_size_q=1)
+        datt = {(ct, lz): us_graph(lambda ct=ct, lz=lz: hip_attention(
+                    qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, causal_tail=ct, lazy_rescale=lz, **dak))
+                for ct, lz in ((True, True), (False, False), (True, False), (False, True))}
+        log(f"budget k={k} window={w}: decode attention B=6 us by (causal_tail, lazy_rescale): "
+            + ", ".join(f"{kk}: {v:.1f}" for kk, v in datt.items()))
         log(f"budget k={k} window={w} (n={n}, exact {mk['exact_blocks']}, norm window {mk['norm_window']}): "
             f"prefill mask {t_mask:.2f} ms, attention {t_att:.2f} ms, total {t_mask + t_att:.2f} ms | decode mask "
             f"B=1 {dec[0]:.1f} us, B=6 {dec[1]:.1f} us")
@@ -121,15 +129,17 @@ def main():
         # the attention reads sink + window + k keys whatever the split: swept once, with the last budget's mask
         grid = itertools.product(*_lists(a.att_grid)) if budget == a.budgets.split(",")[-1] else ()
 
-        def attention(rows, bn, nw, ns):
+        def attention(rows, bn, nw, ns, ct, lz):
             out.zero_()
             t = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, rows=rows, block_n=bn,
-                                         num_warps=nw, num_stages=ns, **ak))
+                                         num_warps=nw, num_stages=ns, causal_tail=bool(ct), lazy_rescale=bool(lz),
+                                         **ak))
             return t, f"{t:.2f} ms (max err {(out.float() - ref_out.float()).abs().max().item():.1e})"
 
-        _report(f"  attention sweep, fastest first (default {t_att:.2f} ms):", 12,
-                ((f"rows={r} block_n={bn} warps={nw} stages={ns}",
-                  lambda r=r, bn=bn, nw=nw, ns=ns: attention(r, bn, nw, ns)) for r, bn, nw, ns in grid))
+        _report(f"  attention sweep, fastest first (default {t_att:.2f} ms):", 16,
+                ((f"rows={r} block_n={bn} warps={nw} stages={ns} causal_tail={ct} lazy={lz}",
+                  lambda r=r, bn=bn, nw=nw, ns=ns, ct=ct, lz=lz: attention(r, bn, nw, ns, ct, lz))
+                 for r, bn, nw, ns, ct, lz in grid))
 
         def mask(kr, nw, one):
             idx.fill_(-1)

@@ -373,8 +373,13 @@ ATTN_CASES = [
 ]
 
 
+# (causal_tail, lazy_rescale): the defaults (both on) and the plain loop they must agree with
+KNOBS = [(True, True), (False, False), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: f"tail{int(k[0])}-lazy{int(k[1])}")
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"G{c[0]//c[1]}-D{c[2]}-p{c[3]}-{str(c[4])[6:]}-bk{c[5]}-s{c[7]}")
-def test_hip_attention_matches_reference(case):
+def test_hip_attention_matches_reference(case, knobs):
     Hq, Hkv, D, page, dtype, bk, n, splits = case
     sink, window, bq = 3, 2 * bk + 7, 8
     small = D >= 256
@@ -388,9 +393,41 @@ def test_hip_attention_matches_reference(case):
     kw = dict(sink_tokens=sink, block_size_k=bk, scale=scale)
     ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **kw)
     out = torch.full_like(q, float("nan"))
-    got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=out, num_splits=splits, block_size_q=bq, **kw)
+    got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=out, num_splits=splits, block_size_q=bq,
+                           causal_tail=knobs[0], lazy_rescale=knobs[1], **kw)
     assert got is out
     assert _rel(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rising", [True, False])
+def test_hip_attention_rescales_when_logits_rise_past_the_lazy_threshold(dtype, rising):
+    """Planted logits that climb (or fall) by ~12 log2 units per key tile along the attended order (sink, selected,
+    window): with ``lazy_rescale`` the accumulator must be rescaled on most tiles, and a rescale that is skipped
+    or applied to the wrong rows is off by factors of 2^8 or more, far outside the tolerance. Small windows and
+    16-row query blocks put the causal tail in several tiles."""
+    Hq, Hkv, D, page, bk, n, sink, window, bq = 4, 2, 32, 16, 4, 6, 4, 20, 16
+    seq, q_lens = [180, 97], [40, 1]
+    q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed=11)
+    u = torch.randn(D, generator=torch.Generator().manual_seed(5))
+    u = (u / u.norm()).to(DEV)
+    q = (q.float() * 0.05 + 6.0 * u).to(dtype)  # every query along u: logit ~ 6 x (key's u component) x scale
+    pos = torch.arange(bt.shape[1] * page, device=DEV)
+    ramp = (pos.float() / 2.0) if rising else (90.0 - pos.float() / 2.0)
+    for r in range(bt.shape[0]):  # key at position p gets a u component that makes its logit ~ramp(p)
+        phys = bt[r, pos // page].long()
+        k = kc[phys, pos % page].float()
+        k = k * 0.05 + (ramp * (D ** 0.5) / 6.0)[:, None, None] * u
+        kc[phys, pos % page] = k.to(dtype)
+    qb = make_query_blocks(qsl, seql, bq)
+    ws = window_starts(qb[3], window, bk)
+    idx = _random_indices(qb, ws, Hkv, n, bk, sink, seed=3)
+    kw = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
+    ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **kw)
+    for tail, lazy in KNOBS:
+        got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=torch.full_like(q, float("nan")),
+                               block_size_q=bq, block_n=16, causal_tail=tail, lazy_rescale=lazy, **kw)
+        assert _rel(got, ref) < TOL[dtype], (tail, lazy)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
