@@ -4,6 +4,7 @@ and a sweep of the HiP knobs. Results: BENCHMARKS_quality.md.
     .venv/bin/python benchmarks/bench_quality.py vllm     # (a) passkey grid + (b) perplexity, through vLLM's LLM
     .venv/bin/python benchmarks/bench_quality.py layers   # (c) per-layer error / recall on captured Q/K/V
     .venv/bin/python benchmarks/bench_quality.py sweep    # (d) knob sweep (captured Q/K/V + HiP inside transformers)
+    .venv/bin/python benchmarks/bench_quality.py turnover # (e) how much decode selections change per refresh
     .venv/bin/python benchmarks/bench_quality.py all
 
 (a)+(b) run one fresh process per backend ("dense" = vLLM's default backend, "hip" = attention_backend="HIP"
@@ -16,6 +17,11 @@ and ``<out>/quality_<what>.json``.
 (c) captures post-RoPE Q/K/V of every layer of SmolLM2 on ``--tokens`` tokens of the plays (transformers, a
 forward pre-hook per attention module) and compares ``kernels/reference.py``'s HiP with dense attention on the
 query blocks where HiP prunes (``quality_lib.layer_metrics``), plus simulated decode with mask reuse.
+
+(e) on the same captured Q/K: the share of a decoding request's selected KV pages (and (head, block) pairs) that
+each mask refresh replaces, against uniformly random selections of the same sizes (``quality_lib.selection_turnover``):
+what a KV-offload tier would have to move per refresh on a trained model, and on the dummy weights of the H200
+benchmark.
 
 (d) varies one knob at a time around ``--hip`` and reports the (c) metrics averaged over the HiP layers and the
 whole-model perplexity with HiP swapped into transformers (``quality_lib.HipSim``, same masks as the backend).
@@ -349,6 +355,34 @@ def cmd_layers(a) -> dict:
     return res
 
 
+# ---------------------------------------------------------------------------------- (e) turnover
+def cmd_turnover(a) -> dict:
+    import quality_lib as ql
+
+    cfg = ql._cfg(a.hip)
+    _, _, ids, caps, t_cap = capture(a.tokens)
+    t0 = time.time()
+    per = [ql.selection_turnover(c["q"], c["k"], cfg, steps=a.decode_steps, page=a.page) for c in caps]
+    cols = ["page_turnover", "rand_page_turnover", "block_turnover", "rand_block_turnover", "sel_pages", "cand_pages"]
+    lines = [header(a.cmdline), f"HiP config: {json.dumps(cfg.to_dict())}; KV page {a.page} tokens",
+             f"{a.tokens} tokens of the plays (offset {LAYER_OFFSET}); decode: last {a.decode_steps} positions, "
+             f"{per[0]['refreshes']} refreshes; capture {t_cap:.0f} s, selections {time.time() - t0:.0f} s", "",
+             "| layer | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for i, m in enumerate(per):
+        tag = " (dense in config)" if i in cfg.dense_layers else ""
+        lines.append(f"| {i}{tag} | " + " | ".join(f"{m[c]:.3f}" if c.endswith("over") else f"{m[c]:.1f}"
+                                                     for c in cols) + " |")
+    hip = [m for i, m in enumerate(per) if i not in cfg.dense_layers]
+    mean = {c: sum(m[c] for m in hip) / len(hip) for c in cols}
+    lines.append("| mean, HiP layers | " + " | ".join(f"**{mean[c]:.3f}**" if c.endswith("over") else f"{mean[c]:.1f}"
+                                                      for c in cols) + " |")
+    print("\n".join(lines))
+    res = {"config": cfg.to_dict(), "tokens": a.tokens, "page": a.page, "per_layer": per, "mean_hip_layers": mean}
+    (Path(a.out) / f"quality_turnover_{a.tokens}.json").write_text(json.dumps(res, indent=1))
+    (Path(a.out) / f"quality_turnover_{a.tokens}.txt").write_text("\n".join(lines) + "\n")
+    return res
+
+
 # ------------------------------------------------------------------------------------- (d) sweep
 SWEEP = [  # one knob at a time around --hip
     ("k", [256, 1024]),
@@ -424,7 +458,7 @@ def cmd_sweep(a) -> dict:
 # ---------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=["vllm", "layers", "sweep", "all", "plot", "_child"])
+    ap.add_argument("command", choices=["vllm", "layers", "sweep", "turnover", "all", "plot", "_child"])
     ap.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--hip", type=json.loads, default={}, help="additional_config['hip'] as JSON (default: defaults)")
     ap.add_argument("--backends", default="dense,hip",
@@ -441,6 +475,7 @@ def parse_args(argv=None):
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")
     ap.add_argument("--mask", choices=["v3", "oracle"], default="v3",
                     help="(c): the backend's selection (v3) or the exact top-n blocks (oracle, its ceiling)")
+    ap.add_argument("--page", type=int, default=16, help="(e): KV page size in tokens (vLLM's block size)")
     ap.add_argument("--no-sim-ppl", dest="sim_ppl", action="store_false", help="(d): skip the HipSim perplexity")
     ap.add_argument("--out", default=str(HERE / "results"))
     a = ap.parse_args(argv)
@@ -467,6 +502,8 @@ def main(argv=None) -> int:
         cmd_layers(a)
     if a.command in ("sweep", "all"):
         cmd_sweep(a)
+    if a.command == "turnover":
+        cmd_turnover(a)
     return 0
 
 

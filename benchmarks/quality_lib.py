@@ -269,6 +269,57 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     return {"rel_l2": math.sqrt(err2 / max(ref2, 1e-30)), "mass": mass / steps, "recall_all": rec / steps}
 
 
+@torch.no_grad()
+def selection_turnover(q, k, cfg=None, *, steps: int = 256, page: int = 16, seed: int = 0) -> dict:
+    """How much of a decoding request's selection changes from one mask refresh to the next, on captured Q/K.
+
+    Refreshes happen where the length reaches a multiple of ``cfg.mask_refresh_interval`` within the last ``steps``
+    positions, each from its own query (as ``vllm_hip.mask_state`` does after a request's first steps). For each
+    refresh after the first: ``page_turnover``, the share of the KV pages holding selected blocks (any head) that
+    the previous refresh did not select, which is what an offload tier has to move in; ``block_turnover``, the same
+    for (head, block) pairs. ``rand_*`` are the same for uniformly random selections of the same sizes from the
+    same candidates (what a model with dummy weights does). ``sel_pages`` / ``cand_pages``: selected pages and
+    candidate pages (between sink and window) per refresh.
+    """
+    cfg = _cfg(cfg)
+    T = q.shape[0]
+    bk = cfg.block_size_k
+    R = cfg.mask_refresh_interval
+    pos = torch.tensor([p for p in range(T - steps, T) if (p + 1) % R == 0], dtype=torch.int32)
+    ws = window_starts(pos, cfg.sliding_window, bk)
+    one = torch.ones_like(pos)
+    zero = torch.zeros_like(pos)
+    idx = hip_mask_reference(q, k[None], torch.zeros(1, 1, dtype=torch.int32), zero, pos, one, ws,
+                             n_select=cfg.n_select, block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens,
+                             query_stride=1, exact_blocks=cfg.mask_exact_blocks,
+                             norm_window=cfg.mask_kwargs["norm_window"])
+    g = torch.Generator().manual_seed(seed)
+    lo = cfg.sink_tokens // bk
+    out = {"page_turnover": [], "block_turnover": [], "rand_page_turnover": [], "rand_block_turnover": [],
+           "sel_pages": [], "cand_pages": []}
+    prev = prev_r = None
+    for i in range(len(pos)):
+        hi = int(ws[i]) // bk
+        sel, rnd = set(), set()
+        for h in range(idx.shape[1]):
+            b = idx[i, h][idx[i, h] >= 0].tolist()
+            sel.update((h, x) for x in b)
+            pick = (torch.randperm(max(hi - lo, 0), generator=g)[: len(b)] + lo).tolist()
+            rnd.update((h, x) for x in pick)
+        cur = (sel, {b * bk // page for _, b in sel})
+        cur_r = (rnd, {b * bk // page for _, b in rnd})
+        out["sel_pages"].append(len(cur[1]))
+        out["cand_pages"].append(max(hi - lo, 0) * bk / page)
+        if prev is not None:
+            for name, c, pv in (("", cur, prev), ("rand_", cur_r, prev_r)):
+                out[name + "block_turnover"].append(len(c[0] - pv[0]) / max(1, len(c[0])))
+                out[name + "page_turnover"].append(len(c[1] - pv[1]) / max(1, len(c[1])))
+        prev, prev_r = cur, cur_r
+    res = {key: sum(v) / max(1, len(v)) for key, v in out.items()}
+    res["refreshes"] = len(pos)
+    return res
+
+
 def summarize(per_layer: list[dict], skip=()) -> dict:
     """Mean of every metric over the layers not in ``skip`` (e.g. the configured dense layers)."""
     rows = [m for i, m in enumerate(per_layer) if i not in set(skip)]

@@ -146,3 +146,30 @@ def test_selection_check_catches_random_blocks(captured, monkeypatch):
     mean, _ = _mean(captured, HIP_QUALITY, layers=[3, 8, 13, 18, 23, 28])
     print({k: round(v, 4) for k, v in mean.items()})
     assert _check(mean), "random key blocks pass the selection check: thresholds too loose"
+
+
+def test_selection_turnover_is_zero_for_a_planted_stable_selection_and_high_for_random():
+    """quality_lib.selection_turnover (benchmarks, offload analysis): four planted key blocks that every query
+    prefers are selected at every refresh (turnover 0, for pages and blocks), while the random baseline of the
+    same sizes turns over; with queries of no common direction the selection itself turns over."""
+    import quality_lib as ql
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    T, D, bk = 256, 16, 8  # ~20-27 candidate blocks in groups of <= 8: the exact stage scores every one
+    cfg = {"k": 32, "block_size_k": bk, "block_size_q": 16, "sink_tokens": 8, "sliding_window": 32,
+           "mask_refresh_interval": 8, "mask_exact_blocks": 8, "dense_layers": []}
+    u = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    k = torch.randn(T, 1, D, generator=g) * 0.1
+    hot = [2, 7, 11, 16]  # blocks of 8 tokens in pages 1, 3, 5, 8 of 16 tokens, all below every window
+    for b in hot:
+        k[b * bk:(b + 1) * bk, 0] += 5 * u
+    q = (torch.randn(T, 1, D, generator=g) * 0.1 + u)
+    res = ql.selection_turnover(q, k, cfg, steps=64, page=16)
+    assert res["refreshes"] == 8
+    assert res["page_turnover"] == 0.0 and res["block_turnover"] == 0.0, res
+    assert res["sel_pages"] == 4.0, res
+    assert res["rand_block_turnover"] > 0.5 and res["rand_page_turnover"] > 0.3, res
+    noisy = ql.selection_turnover(torch.randn(T, 1, D, generator=g), torch.randn(T, 1, D, generator=g), cfg,
+                                  steps=64, page=16)
+    assert noisy["block_turnover"] > 0.5, noisy
