@@ -222,6 +222,9 @@ def worker(a) -> None:
                 # spread of those steps: HiP's decode steps differ by how many requests refresh their masks
                 "full_batch_step_ms_p10": _pct(full_steps, 10), "full_batch_step_ms_p90": _pct(full_steps, 90),
                 "full_batch_steps": len(full_steps),
+                # tokens per second over those steps alone: decode with exactly len(ps) requests in flight. The rate
+                # above also covers the tail, where requests that started decoding first have finished.
+                "full_batch_tok_s": round(len(ps) * len(full_steps) / sum(full_steps), 1) if full_steps else None,
                 # garbage collection inside those steps: ms per step, and how many were full (generation 2)
                 "full_batch_gc_ms": round(1e3 * gc_s / max(len(full_steps), 1), 2), "full_batch_gc_full": gc_full}
 
@@ -331,13 +334,15 @@ def main() -> None:
         if r.get("event") == "offload":
             print(f"HIP_OFFLOAD: hip.offload = {r['config']}")
     print(f"{'backend':<11}{'prompt':>8}{'reqs':>6}{'TTFT s':>9}{'TTFT mean s':>12}{'decode tok/s':>14}"
-          f"{'step ms':>9}{'total s':>9}{'peak GiB':>10}")
+          f"{'full-batch tok/s':>18}{'step ms':>9}{'total s':>9}{'peak GiB':>10}")
     for r in rows:
         if "len" in r and "error" not in r:
             hit = f"  GPU hit rate {r['offload_hit_rate']:.3f}" if "offload_hit_rate" in r else ""
             step = r.get("full_batch_step_ms")
+            full = r.get("full_batch_tok_s")
             print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}{r['ttft_s']:>9.3f}{r['ttft_mean_s']:>12.3f}"
-                  f"{r['decode_tok_s']:>14.1f}{step if step is not None else '-':>9}{r['total_s']:>9.1f}"
+                  f"{r['decode_tok_s']:>14.1f}{full if full is not None else '-':>18}"
+                  f"{step if step is not None else '-':>9}{r['total_s']:>9.1f}"
                   f"{r['peak_mem_gib']:>10.1f}{hit}")
         elif "error" in r:
             print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}  error: {r['error'][:80]}")
