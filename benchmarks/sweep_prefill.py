@@ -67,7 +67,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4/1/1",
                     help="attention sweep: rows/block_n/warps/stages/causal_tail/lazy_rescale lists")
-    ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0", help="mask sweep: krows/warps/one-launch lists")
+    ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0/0",
+                    help="mask sweep: krows/warps/one-launch/stages lists (stages 0: Triton's default; one launch only)")
     ap.add_argument("--decode-grid", default="", help="decode mask sweep (B=1, 6): krows/warps lists")
     ap.add_argument("--log", default=None)
     a = ap.parse_args()
@@ -141,16 +142,16 @@ def main():
                   lambda r=r, bn=bn, nw=nw, ns=ns, ct=ct, lz=lz: attention(r, bn, nw, ns, ct, lz))
                  for r, bn, nw, ns, ct, lz in grid))
 
-        def mask(kr, nw, one):
+        def mask(kr, nw, one, st):
             idx.fill_(-1)
             t = ms(lambda: hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, krows=kr, num_warps=nw,
-                                    single_launch=one, **mk))
+                                    single_launch=one, num_stages=st or None, **mk))
             return t, f"{t:.2f} ms (same indices: {torch.equal(idx, ref_idx)})"
 
         _report(f"  mask sweep, fastest first (default {t_mask:.2f} ms):", 10,
-                ((f"krows={kr} warps={nw} {'one launch' if one else 'per round'}",
-                  lambda kr=kr, nw=nw, one=one: mask(kr, nw, bool(one)))
-                 for kr, nw, one in itertools.product(*_lists(a.mask_grid))))
+                ((f"krows={kr} warps={nw} {'one launch' if one else 'per round'} stages={st or 'default'}",
+                  lambda kr=kr, nw=nw, one=one, st=st: mask(kr, nw, bool(one), st))
+                 for kr, nw, one, st in itertools.product(*_lists(a.mask_grid)) if one or not st))
         for B in (1, B6) if a.decode_grid else ():
             wsd = window_starts(qbd[3][:B], w, cfg.block_size_k)
             idd = torch.full((B, HKV, n), -1, dtype=torch.int32, device=dev)

@@ -715,7 +715,7 @@ def hip_mask(
     n_select: int, block_size_q: int, block_size_k: int, sink_tokens: int, query_stride: int = 1,
     exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
-    krows: int | None = None, num_warps: int | None = None,
+    krows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -729,7 +729,8 @@ def hip_mask(
     long prefill on H200). Default (None): one launch when QB * Hkv >= 4 * SMs, else per round.
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
-    for benchmarks; so are ``krows`` (key rows scored per chunk) and ``num_warps``.
+    for benchmarks; so are ``krows`` (key rows scored per chunk), ``num_warps`` and ``num_stages`` (one-launch path
+    only; default: Triton's).
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -783,7 +784,7 @@ def hip_mask(
             int(sink_tokens), k_cache.shape[1], int(norm_window), *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
-            NORM=norm, num_warps=nw,
+            NORM=norm, num_warps=nw, **({"num_stages": int(num_stages)} if num_stages else {}),
         )
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
