@@ -5,7 +5,9 @@ chunk, random inputs. Prints, for each HiP budget (``--budgets``: k/window pairs
   * prefill mask and attention ms with the wrappers' defaults, and decode mask us at batch 1 and 6 (CUDA graph);
   * with ``--sweep``: the attention by (query rows per tile, block_n, num_warps, num_stages) and the mask by
     (krows, num_warps, one launch or per round), each variant checked against the default's output (mask: same
-    indices; attention: max abs difference) so a fast wrong variant cannot win.
+    indices; attention: max abs difference) so a fast wrong variant cannot win;
+  * the decode attention at batch 6 for the two attention knobs, and with ``--decode-att-grid`` by (block_n, warps,
+    stages, split count), checked the same way.
 Usage: ``python benchmarks/sweep_prefill.py [--tokens 131072] [--sweep] [--log FILE]``.
 """
 import argparse
@@ -70,6 +72,8 @@ def main():
     ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0/0",
                     help="mask sweep: krows/warps/one-launch/stages lists (stages 0: Triton's default; one launch only)")
     ap.add_argument("--decode-grid", default="", help="decode mask sweep (B=1, 6): krows/warps lists")
+    ap.add_argument("--decode-att-grid", default="",
+                    help="decode attention sweep (B=6): block_n/warps/stages/splits lists, e.g. 32,64,128/2,4,8/2,3/4,8,16")
     ap.add_argument("--log", default=None)
     a = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
@@ -122,6 +126,20 @@ def main():
                 for ct, lz in ((True, True), (False, False), (True, False), (False, True))}
         log(f"budget k={k} window={w}: decode attention B=6 us by (causal_tail, lazy_rescale): "
             + ", ".join(f"{kk}: {v:.1f}" for kk, v in datt.items()))
+        if a.decode_att_grid:
+            hip_attention(qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, **dak)
+            ref_d = outd.clone()
+
+            def decode_att(bn, nw, ns, sp):
+                outd.zero_()
+                t = us_graph(lambda: hip_attention(qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, block_n=bn,
+                                                   num_warps=nw, num_stages=ns, num_splits=sp, **dak))
+                return t, f"{t:.1f} us (max err {(outd.float() - ref_d.float()).abs().max().item():.1e})"
+
+            _report(f"  decode attention sweep B=6, fastest first (default {datt[(False, False)]:.1f} us):", 10,
+                    ((f"block_n={bn} warps={nw} stages={ns} splits={sp}",
+                      lambda bn=bn, nw=nw, ns=ns, sp=sp: decode_att(bn, nw, ns, sp))
+                     for bn, nw, ns, sp in itertools.product(*_lists(a.decode_att_grid))))
         log(f"budget k={k} window={w} (n={n}, exact {mk['exact_blocks']}, norm window {mk['norm_window']}): "
             f"prefill mask {t_mask:.2f} ms, attention {t_att:.2f} ms, total {t_mask + t_att:.2f} ms | decode mask "
             f"B=1 {dec[0]:.1f} us, B=6 {dec[1]:.1f} us")
