@@ -65,7 +65,8 @@ def _lists(spec):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=131072)
-    ap.add_argument("--budgets", default="2048/1024,1024/2048", help="k/window pairs")
+    ap.add_argument("--budgets", default="2048/1024,1024/2048",
+                    help="k/window pairs, or k/window/norm_window triples (hip.norm_window; default 0 = the window)")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4/1/1",
                     help="attention sweep: rows/block_n/warps/stages/causal_tail/lazy_rescale lists")
@@ -99,8 +100,8 @@ def main():
     seqd = torch.full((B6,), T, device=dev, dtype=torch.int32)
     qbd = make_query_blocks(torch.arange(B6 + 1, device=dev, dtype=torch.int32), seqd, 1)
     for budget in a.budgets.split(","):
-        k, w = (int(x) for x in budget.split("/"))
-        cfg = HipConfig.from_dict({"k": k, "sliding_window": w})
+        k, w, *nw = (int(x) for x in budget.split("/"))
+        cfg = HipConfig.from_dict({"k": k, "sliding_window": w, "norm_window": nw[0] if nw else 0})
         mk = cfg.mask_kwargs
         n = mk["n_select"]
         ws = window_starts(qb[3], w, cfg.block_size_k)
@@ -126,7 +127,7 @@ def main():
                 for ct, lz in ((True, True), (False, False), (True, False), (False, True))}
         log(f"budget k={k} window={w}: decode attention B=6 us by (causal_tail, lazy_rescale): "
             + ", ".join(f"{kk}: {v:.1f}" for kk, v in datt.items()))
-        if a.decode_att_grid:
+        if a.decode_att_grid and budget == a.budgets.split(",")[-1]:  # the same keys read whatever the budget's split
             hip_attention(qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, **dak)
             ref_d = outd.clone()
 

@@ -730,7 +730,7 @@ def hip_mask(
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
     for benchmarks; so are ``krows`` (key rows scored per chunk), ``num_warps`` and ``num_stages`` (one-launch path
-    only; default: Triton's).
+    only; default 2).
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -758,6 +758,8 @@ def hip_mask(
     # against 44.5 (k 1024); 16/32/64/256 keys and 8 warps were all slower.
     # Decode tiles (M = 16) keep 64 keys: 128 was faster in the kernel bench (128K mask 86.0 -> 70.9 us at batch 1,
     # 165.7 -> 124.2 at batch 6) but gave nothing end to end in vLLM (BENCHMARKS.md §2, 2026-12-02).
+    # The one launch pipelines its chunk loads over 2 stages: 27.42 ms at 128K (k 1024, window 2048) against 29.71
+    # with Triton's default of 3 and 31.90 with 4, same indices (sweep_prefill.py, H200, 2026-12-02 16:10).
     default_krows = max(32, bk) if D >= 256 else max(64 if m_pad <= 64 else 128, bk, 16)
     krows = max(int(krows), bk) if krows else default_krows
     nw = num_warps or (4 if D <= 128 or m_pad * krows <= 64 * 64 else 8)
@@ -784,7 +786,7 @@ def hip_mask(
             int(sink_tokens), k_cache.shape[1], int(norm_window), *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
-            NORM=norm, num_warps=nw, **({"num_stages": int(num_stages)} if num_stages else {}),
+            NORM=norm, num_warps=nw, num_stages=int(num_stages or 2),
         )
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
@@ -1108,7 +1110,10 @@ def hip_attention(
     else:
         po = plse = out
     if num_warps is None:
-        num_warps = 4 if M * max(D, DV) <= 64 * 128 else 8
+        # Decode tiles (16 rows x 128): 2 warps, 31.2 us at batch 6 over 128K against 43.9 with 4 (sweep_prefill.py
+        # --decode-att-grid, H200, 2026-12-02 16:10: 135 variants of block_n, warps, stages, splits); more programs
+        # fit on an SM, so more gathers are in flight.
+        num_warps = 2 if M * max(D, DV) <= 16 * 128 else 4 if M * max(D, DV) <= 64 * 128 else 8
     if num_stages is None:
         num_stages = 2 if S > 1 else 3
     # Measured on the H200 (sweep_prefill.py, 2026-12-02 13:37): at 128K prefill the causal test on tail tiles only

@@ -11,9 +11,17 @@ def test_defaults_follow_the_paper_except_key_block_size_and_budget():
     assert c.n_select == 128
     assert c.mask_exact_blocks == 8
     assert c.mask_kwargs == dict(n_select=128, block_size_q=64, block_size_k=8, sink_tokens=128, query_stride=2,
-                                 exact_blocks=8, norm_window=2048)
+                                 exact_blocks=8, norm_window=1024)
     assert c.normalised_score and c.mask_refresh_first_steps == 8
     assert HipConfig.from_dict({"normalised_score": False}).mask_kwargs["norm_window"] == 0
+
+
+def test_norm_window_bounds_the_normalised_scores_reference_keys_within_the_window():
+    kw = lambda raw: HipConfig.from_dict(raw).mask_kwargs["norm_window"]  # noqa: E731
+    assert kw({"norm_window": 512}) == 512
+    assert kw({"norm_window": 0}) == 2048  # 0: the whole window
+    assert kw({"norm_window": 4096, "sliding_window": 1024}) == 1024  # never past the window
+    assert kw({"norm_window": 512, "normalised_score": False}) == 0  # raw score: no reference at all
 
 
 def test_json_text_and_dict_agree():
@@ -42,6 +50,7 @@ def test_frozen():
         ({"k": 100, "block_size_k": 8}, r"hip.k \(100\) must be a multiple of hip.block_size_k \(8\); try k=96"),
         ({"k": -4}, r"hip.k must be > 0"),
         ({"sliding_window": -1}, r"hip.sliding_window must be >= 0"),
+        ({"norm_window": -1}, r"hip.norm_window must be >= 0"),
         ({"block_size_k": 3, "k": 9}, r"power of two"),
         ({"sink_tokens": 3, "block_size_k": 2}, r"hip.sink_tokens \(3\) must be a multiple of hip.block_size_k"),
         ({"query_stride": 128}, r"query_stride \(128\) must be <= hip.block_size_q"),
