@@ -6,7 +6,7 @@ chunk, random inputs. Prints, for each HiP budget (``--budgets``: k/window pairs
   * with ``--sweep``: the attention by (query rows per tile, block_n, num_warps, num_stages) and the mask by
     (krows, num_warps, one launch or per round), each variant checked against the default's output (mask: same
     indices; attention: max abs difference) so a fast wrong variant cannot win;
-  * the decode attention at batch 6 for the two attention knobs, and with ``--decode-att-grid`` by (block_n, warps,
+  * the decode attention at batch 6 with and without the causal tail, and with ``--decode-att-grid`` by (block_n, warps,
     stages, split count), checked the same way.
 Usage: ``python benchmarks/sweep_prefill.py [--tokens 131072] [--sweep] [--log FILE]``.
 """
@@ -68,8 +68,8 @@ def main():
     ap.add_argument("--budgets", default="2048/1024,1024/2048",
                     help="k/window pairs, or k/window/norm_window triples (hip.norm_window; default 0 = the window)")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4/1/1",
-                    help="attention sweep: rows/block_n/warps/stages/causal_tail/lazy_rescale lists")
+    ap.add_argument("--att-grid", default="32,64/32,64,128/4,8/2,3,4/1",
+                    help="attention sweep: rows/block_n/warps/stages/causal_tail lists")
     ap.add_argument("--mask-grid", default="16,32,64,128/4,8/1,0/0",
                     help="mask sweep: krows/warps/one-launch/stages lists (stages 0: Triton's default; one launch only)")
     ap.add_argument("--decode-grid", default="", help="decode mask sweep (B=1, 6): krows/warps lists")
@@ -122,10 +122,10 @@ def main():
         # decode attention at batch 6 over the last decode mask, for the two attention knobs (CUDA graph)
         outd = torch.empty_like(qd)
         dak = dict(ak, block_size_q=1)
-        datt = {(ct, lz): us_graph(lambda ct=ct, lz=lz: hip_attention(
-                    qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, causal_tail=ct, lazy_rescale=lz, **dak))
-                for ct, lz in ((True, True), (False, False), (True, False), (False, True))}
-        log(f"budget k={k} window={w}: decode attention B=6 us by (causal_tail, lazy_rescale): "
+        datt = {ct: us_graph(lambda ct=ct: hip_attention(
+                    qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, causal_tail=ct, **dak))
+                for ct in (False, True)}
+        log(f"budget k={k} window={w}: decode attention B=6 us by causal_tail: "
             + ", ".join(f"{kk}: {v:.1f}" for kk, v in datt.items()))
         if a.decode_att_grid and budget == a.budgets.split(",")[-1]:  # the same keys read whatever the budget's split
             hip_attention(qd, kc, vc, btd, seqd, *qbd, wsd, idd, out=outd, **dak)
@@ -137,7 +137,7 @@ def main():
                                                    num_warps=nw, num_stages=ns, num_splits=sp, **dak))
                 return t, f"{t:.1f} us (max err {(outd.float() - ref_d.float()).abs().max().item():.1e})"
 
-            _report(f"  decode attention sweep B=6, fastest first (default {datt[(False, False)]:.1f} us):", 10,
+            _report(f"  decode attention sweep B=6, fastest first (default {datt[False]:.1f} us):", 10,
                     ((f"block_n={bn} warps={nw} stages={ns} splits={sp}",
                       lambda bn=bn, nw=nw, ns=ns, sp=sp: decode_att(bn, nw, ns, sp))
                      for bn, nw, ns, sp in itertools.product(*_lists(a.decode_att_grid))))
@@ -149,17 +149,16 @@ def main():
         # the attention reads sink + window + k keys whatever the split: swept once, with the last budget's mask
         grid = itertools.product(*_lists(a.att_grid)) if budget == a.budgets.split(",")[-1] else ()
 
-        def attention(rows, bn, nw, ns, ct, lz):
+        def attention(rows, bn, nw, ns, ct):
             out.zero_()
             t = ms(lambda: hip_attention(q, kc, vc, bt, seq, *qb, ws, idx, out=out, rows=rows, block_n=bn,
-                                         num_warps=nw, num_stages=ns, causal_tail=bool(ct), lazy_rescale=bool(lz),
-                                         **ak))
+                                         num_warps=nw, num_stages=ns, causal_tail=bool(ct), **ak))
             return t, f"{t:.2f} ms (max err {(out.float() - ref_out.float()).abs().max().item():.1e})"
 
         _report(f"  attention sweep, fastest first (default {t_att:.2f} ms):", 16,
-                ((f"rows={r} block_n={bn} warps={nw} stages={ns} causal_tail={ct} lazy={lz}",
-                  lambda r=r, bn=bn, nw=nw, ns=ns, ct=ct, lz=lz: attention(r, bn, nw, ns, ct, lz))
-                 for r, bn, nw, ns, ct, lz in grid))
+                ((f"rows={r} block_n={bn} warps={nw} stages={ns} causal_tail={ct}",
+                  lambda r=r, bn=bn, nw=nw, ns=ns, ct=ct: attention(r, bn, nw, ns, ct))
+                 for r, bn, nw, ns, ct in grid))
 
         def mask(kr, nw, one, st):
             idx.fill_(-1)

@@ -843,15 +843,12 @@ def _attn_tile(
     k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
     hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
     BK: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr,
-    CAUSAL: tl.constexpr, LAZY: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """One online-softmax step over key tile ``tt`` of the attended list (sink, selected blocks, window).
 
     CAUSAL: apply the per-row causal test (tiles that reach past the first query of the tile); otherwise only the
-    per-key validity. LAZY: rescale the accumulator only when some row's running max grows by more than 2^8
-    (FlashAttention-4's trick): the exponent base stays a stale max that is never more than 8 below the true one,
-    so p <= 256 and the result is the same softmax; the (M, DV) rescale, a multiply per accumulator element per
-    tile, then runs only on the few tiles that raise a max.
+    per-key validity. (FlashAttention-4's lazy rescaling was tried here and measured slower: BENCHMARKS.md §1.)
     """
     vv = tt * BLOCK_N + nb
     in_sink = vv < sink_eff
@@ -875,24 +872,13 @@ def _attn_tile(
         s = tl.where(ok, s * qk_scale, float("-inf"))
     else:
         s = s * qk_scale + tl.where(kvalid, 0.0, float("-inf"))[None, :]
-    m_blk = tl.max(s, axis=1)
-    if LAZY:
-        if tl.max((m_blk > m_i + 8.0).to(tl.int32), axis=0) > 0:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-        l_i = l_i + tl.sum(p, axis=1)
-    else:
-        m_new = tl.maximum(m_i, m_blk)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    m_i = m_new
     if TIERED:
         vp = _tiered_rows(v_ptr, phys, poff, h, dv, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3, n_dev)
     else:
@@ -912,7 +898,7 @@ def _hip_attn_body(
     hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr, CAUSAL_TAIL: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    TIERED: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
 ):
     qb = QB - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
     h = tl.program_id(1)
@@ -970,13 +956,13 @@ def _hip_attn_body(
                 tt, qt, qpos, m_i, l_i, acc, idx_base, si2, sink_eff, L_sel, ws, total, bt_ptr, req, sbt0,
                 page_size, k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
                 hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
-                BK, BLOCK_N, IEEE, UPCAST, TIERED, False, LAZY_RESCALE)
+                BK, BLOCK_N, IEEE, UPCAST, TIERED, False)
         for tt in range(t_mid, t1):
             m_i, l_i, acc = _attn_tile(
                 tt, qt, qpos, m_i, l_i, acc, idx_base, si2, sink_eff, L_sel, ws, total, bt_ptr, req, sbt0,
                 page_size, k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
                 hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
-                BK, BLOCK_N, IEEE, UPCAST, TIERED, True, LAZY_RESCALE)
+                BK, BLOCK_N, IEEE, UPCAST, TIERED, True)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         if SPLIT:
@@ -998,7 +984,7 @@ def _hip_attn_kernel(
     QB, T, Hq, sink_tokens, page_size, qk_scale,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr,
 ):
     _hip_attn_body(
         q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -1006,7 +992,7 @@ def _hip_attn_kernel(
         so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
-        UPCAST=UPCAST, TIERED=False, CAUSAL_TAIL=CAUSAL_TAIL, LAZY_RESCALE=LAZY_RESCALE)
+        UPCAST=UPCAST, TIERED=False, CAUSAL_TAIL=CAUSAL_TAIL)
 
 
 @triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev", "hk_off", "hv_off"])
@@ -1019,7 +1005,7 @@ def _hip_attn_kernel_tiered(
     hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr,
 ):
     _hip_attn_body(
         q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -1027,7 +1013,7 @@ def _hip_attn_kernel_tiered(
         so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
         hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
         G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
-        UPCAST=UPCAST, TIERED=True, CAUSAL_TAIL=CAUSAL_TAIL, LAZY_RESCALE=LAZY_RESCALE)
+        UPCAST=UPCAST, TIERED=True, CAUSAL_TAIL=CAUSAL_TAIL)
 
 
 @triton.jit(do_not_specialize=["T", "S"])
@@ -1058,7 +1044,7 @@ def hip_attention(
     sink_tokens: int, block_size_k: int, scale: float, out=None, indices_row=None,
     num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
     host_k_cache=None, host_v_cache=None, num_warps: int | None = None, num_stages: int | None = None,
-    rows: int | None = None, causal_tail: bool | None = None, lazy_rescale: bool = False,
+    rows: int | None = None, causal_tail: bool | None = None,
 ):
     """Block-sparse attention, same result as ``hip_attention_reference``.
 
@@ -1068,8 +1054,7 @@ def hip_attention(
     row, i.e. ``T == QB``, else 64). ``host_k_cache`` / ``host_v_cache``: host tier of a two-tier cache (both
     or neither; module docstring). ``num_warps`` / ``num_stages`` / ``rows`` (query rows per tile, times the G
     heads = the tile height): launch knobs for benchmarks (default: the measured choice below). ``causal_tail``: the
-    causal test only on tiles past the first query (default: prefill tiles only); ``lazy_rescale``: the
-    accumulator rescaled only when a max grows by > 2^8 (default off); both exact (``_attn_tile``). No host sync.
+    causal test only on tiles past the first query (default: prefill tiles only; exact either way). No host sync.
     """
     assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
@@ -1118,8 +1103,8 @@ def hip_attention(
         num_stages = 2 if S > 1 else 3
     # Measured on the H200 (sweep_prefill.py, 2026-12-02 13:37): at 128K prefill the causal test on tail tiles only
     # takes the attention from 33.06 to 28.66 ms; decode rows see every key, and the second loop only costs there
-    # (43.7 -> 53.8 us at batch 6). Lazy rescaling cost 3.3 ms at prefill (32.11 vs 28.66) and was within noise
-    # at decode (42.2 vs 43.7 us), so it stays off.
+    # (43.7 -> 53.8 us at batch 6). FlashAttention-4's lazy rescaling, tried in the same sweep, cost 3.3 ms at
+    # prefill (32.11 vs 28.66) and was within noise at decode (42.2 vs 43.7 us), so it was removed (BENCHMARKS.md §1).
     if causal_tail is None:
         causal_tail = max_len > 1
     tiered = _is_tiered(host_k_cache)
@@ -1132,7 +1117,7 @@ def hip_attention(
         indices.stride(0), indices.stride(1), indices.stride(2), out.stride(0), out.stride(1), out.stride(2),
         QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634, *tier,
         G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
-        SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, CAUSAL_TAIL=bool(causal_tail), LAZY_RESCALE=bool(lazy_rescale),
+        SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, CAUSAL_TAIL=bool(causal_tail),
         num_warps=num_warps, num_stages=num_stages,
     )
     if S > 1:

@@ -373,13 +373,13 @@ ATTN_CASES = [
 ]
 
 
-# (causal_tail, lazy_rescale): the defaults (both on) and the plain loop they must agree with
-KNOBS = [(True, True), (False, False), (True, False), (False, True)]
+# causal_tail: the causal test on tail tiles only (prefill's default) and on every tile, which must agree
+KNOBS = [True, False]
 
 
-@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: f"tail{int(k[0])}-lazy{int(k[1])}")
+@pytest.mark.parametrize("tail", KNOBS, ids=lambda t: f"tail{int(t)}")
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"G{c[0]//c[1]}-D{c[2]}-p{c[3]}-{str(c[4])[6:]}-bk{c[5]}-s{c[7]}")
-def test_hip_attention_matches_reference(case, knobs):
+def test_hip_attention_matches_reference(case, tail):
     Hq, Hkv, D, page, dtype, bk, n, splits = case
     sink, window, bq = 3, 2 * bk + 7, 8
     small = D >= 256
@@ -394,18 +394,18 @@ def test_hip_attention_matches_reference(case, knobs):
     ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **kw)
     out = torch.full_like(q, float("nan"))
     got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=out, num_splits=splits, block_size_q=bq,
-                           causal_tail=knobs[0], lazy_rescale=knobs[1], **kw)
+                           causal_tail=tail, **kw)
     assert got is out
     assert _rel(got, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rising", [True, False])
-def test_hip_attention_rescales_when_logits_rise_past_the_lazy_threshold(dtype, rising):
+def test_hip_attention_rescales_when_logits_rise_from_tile_to_tile(dtype, rising):
     """Planted logits that climb (or fall) by ~12 log2 units per key tile along the attended order (sink, selected,
-    window): with ``lazy_rescale`` the accumulator must be rescaled on most tiles, and a rescale that is skipped
-    or applied to the wrong rows is off by factors of 2^8 or more, far outside the tolerance. Small windows and
-    16-row query blocks put the causal tail in several tiles."""
+    window): the accumulator must be rescaled on most tiles, and a rescale that is skipped or applied to the wrong
+    rows is off by factors of 2^8 or more, far outside the tolerance. Small windows and 16-row query blocks put
+    the causal tail in several tiles."""
     Hq, Hkv, D, page, bk, n, sink, window, bq = 4, 2, 32, 16, 4, 6, 4, 20, 16
     seq, q_lens = [180, 97], [40, 1]
     q, kc, vc, bt, qsl, seql = _problem(seq, q_lens, Hq, Hkv, D, page, dtype, seed=11)
@@ -424,10 +424,10 @@ def test_hip_attention_rescales_when_logits_rise_past_the_lazy_threshold(dtype, 
     idx = _random_indices(qb, ws, Hkv, n, bk, sink, seed=3)
     kw = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
     ref = hip_attention_reference(q, kc, vc, bt, seql, *qb, ws, idx, **kw)
-    for tail, lazy in KNOBS:
+    for tail in KNOBS:
         got = th.hip_attention(q, kc, vc, bt, seql, *qb, ws, idx, out=torch.full_like(q, float("nan")),
-                               block_size_q=bq, block_n=16, causal_tail=tail, lazy_rescale=lazy, **kw)
-        assert _rel(got, ref) < TOL[dtype], (tail, lazy)
+                               block_size_q=bq, block_n=16, causal_tail=tail, **kw)
+        assert _rel(got, ref) < TOL[dtype], tail
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
