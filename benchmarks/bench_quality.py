@@ -333,6 +333,11 @@ def cmd_layers(a) -> dict:
     mask_fn = None
     if a.mask == "oracle":  # exact top-n blocks under HiP's block score: the ceiling of the selection
         from mask_variants import mask_oracle as mask_fn
+    elif a.mask == "summary":  # from per-page max/min key summaries only (what a KV offload could keep on the GPU)
+        import functools
+
+        from mask_variants import mask_summary, mask_summary_norm
+        mask_fn = functools.partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
     per = layer_table(caps, cfg, a.max_blocks, a.decode_steps if a.mask == "v3" else 0, mask_fn)
     t_m = time.time() - t0
     cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (
@@ -473,8 +478,9 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="(c)/(d): captured sequence length")
     ap.add_argument("--max-blocks", type=int, default=16, help="(c)/(d): pruned query blocks scored per layer")
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")
-    ap.add_argument("--mask", choices=["v3", "oracle"], default="v3",
-                    help="(c): the backend's selection (v3) or the exact top-n blocks (oracle, its ceiling)")
+    ap.add_argument("--mask", choices=["v3", "oracle", "summary"], default="v3",
+                    help="(c): the backend's selection (v3), the exact top-n blocks (oracle, its ceiling), or whole "
+                         "16-key pages ranked by max/min key summaries (summary, mask_variants.mask_summary)")
     ap.add_argument("--page", type=int, default=16, help="(e): KV page size in tokens (vLLM's block size)")
     ap.add_argument("--no-sim-ppl", dest="sim_ppl", action="store_false", help="(d): skip the HipSim perplexity")
     ap.add_argument("--out", default=str(HERE / "results"))

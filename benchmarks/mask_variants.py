@@ -9,6 +9,12 @@
   the score of the block reached), the best chunks covering ``keep`` tokens survive; the next stage does the same
   with smaller chunks inside the survivors; finally every key block of the survivors is scored and the best n kept.
 
+* ``summary`` (and ``summary_norm``): selection from per-page key summaries only, the kind a KV offload could keep
+  on the GPU while the keys themselves live in host memory. Each unit of ``summary_tokens`` keys (a vLLM page) is
+  summarised by its per-dimension max and min key (Quest's bound: ``sum_d max(q_d max_d, q_d min_d) >= q . k``
+  for every key of the unit); the units with the best bound (max over the scored queries and the group's heads)
+  are taken whole until ``n`` key blocks are chosen. Reads 2 vectors per unit instead of its keys.
+
 These are evaluation tools, not product kernels: they score every candidate key of every query block (quadratic
 on purpose, so each algorithm's choice is compared on identical block scores).
 """
@@ -152,3 +158,55 @@ def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start
     q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
                          sink_tokens=kw["sink_tokens"], window=window)
     return hip_mask_reference(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)
+
+
+def mask_summary(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
+                 block_size_k, sink_tokens, query_stride=1, summary_tokens=16):
+    """Key blocks chosen from per-unit (``summary_tokens`` keys, aligned to positions) max/min key summaries, best
+    bound first, whole units, ``n_select`` blocks at most (module docstring). Same arguments and output as
+    ``hip_mask_reference``."""
+    bk = block_size_k
+    per = max(1, summary_tokens // bk)
+    st = per * bk
+    Hq, D = q.shape[1], q.shape[2]
+    QB, Hkv, page = qb_req.shape[0], k_cache.shape[2], k_cache.shape[1]
+    G = Hq // Hkv
+    rows, rvalid = strided_query_rows(qb_start, qb_len, block_size_q, query_stride)
+    out = torch.full((QB, Hkv, n_select), -1, dtype=torch.int32)
+    width = block_table.shape[1]
+    for b in range(QB):
+        begin, end = sink_tokens // bk, int(window_start[b]) // bk
+        count = max(0, end - begin)
+        if count == 0:
+            continue
+        if count <= n_select:
+            out[b, :, :count] = torch.arange(begin, end, dtype=torch.int32)
+            continue
+        u0, u1 = begin // per, -(-end // per)
+        pos = torch.arange(u0 * st, u1 * st)
+        valid = (pos >= begin * bk) & (pos < end * bk)
+        phys = block_table[int(qb_req[b])].long()[torch.clamp(pos // page, max=width - 1)]
+        keys = k_cache[phys, pos % page].float()  # [P, Hkv, D]
+        v = valid[:, None, None]
+        kmax = keys.masked_fill(~v, NEG_INF).view(-1, st, Hkv, D).amax(1)  # [U, Hkv, D]
+        kmin = keys.masked_fill(~v, float("inf")).view(-1, st, Hkv, D).amin(1)
+        r = rows[b][rvalid[b]]
+        qs = q[r].float().view(-1, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, -1, D)  # [Hkv, NQ*G, D]
+        bound = torch.maximum(qs[:, :, None] * kmax.permute(1, 0, 2)[:, None],
+                              qs[:, :, None] * kmin.permute(1, 0, 2)[:, None]).sum(-1).amax(1)  # [Hkv, U]
+        order = torch.argsort(bound, dim=-1, descending=True, stable=True)  # ties: lower position first
+        blocks = (order[..., None] + u0) * per + torch.arange(per)  # [Hkv, U, per] in rank order
+        blocks = blocks.flatten(1)
+        ok = (blocks >= begin) & (blocks < end)
+        for h in range(Hkv):
+            chosen = blocks[h][ok[h]][:n_select]
+            out[b, h, : chosen.numel()] = torch.sort(chosen).values.to(torch.int32)
+    return out
+
+
+def mask_summary_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, window=1024, **kw):
+    """``mask_summary`` on the normalised score (``_normalised``: the offset rides in an extra dimension whose
+    summary is exact, so the bound is lowered by the same offset)."""
+    q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
+                         sink_tokens=kw["sink_tokens"], window=window)
+    return mask_summary(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)

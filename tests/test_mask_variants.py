@@ -4,7 +4,7 @@ head's needle through where the raw score lets a loud head of the same KV group 
 import torch
 
 from kernels.reference import hip_mask_reference, make_query_blocks, window_starts
-from mask_variants import mask_oracle, mask_oracle_norm, mask_staged, mask_v3_norm
+from mask_variants import mask_oracle, mask_oracle_norm, mask_staged, mask_summary, mask_v3_norm
 
 KW = dict(n_select=8, block_size_q=32, block_size_k=4, sink_tokens=8, query_stride=1)
 
@@ -123,3 +123,22 @@ def test_reference_normalised_score_equals_the_augmented_dimension_construction(
     q2, k2 = _normalised(q, k, bt.long(), req, st, ln, ws, sink_tokens=8, window=32)
     assert torch.equal(got, hip_mask_reference(q2, k2, bt.long(), req, st, ln, ws, **kw))
     assert not torch.equal(got, hip_mask_reference(q, k, bt, req, st, ln, ws, **kw))  # the score did change
+
+
+def test_summary_of_single_keys_is_the_oracle_and_coarser_summaries_still_find_planted_needles():
+    """A unit of one key has max = min = the key, so its bound is q . k and the selection is the oracle's. With
+    16-key units the bound is loose, yet a planted needle block lifts its unit's bound above every other's."""
+    q, k, bt, qb, ws = _problem(seed=4)
+    kw1 = dict(KW, block_size_k=1, n_select=16, sink_tokens=8)
+    ws1 = window_starts(qb[3], 64, 1)
+    assert torch.equal(mask_summary(q, k, bt, *qb[:3], ws1, summary_tokens=1, **kw1),
+                       mask_oracle(q, k, bt, *qb[:3], ws1, **kw1))
+    last = q[-32:].view(32, 2, 2, 16).sum((0, 2))
+    needles = [37, 101, 180]  # key blocks of 4 tokens; units of 16 tokens hold 4 blocks
+    for b in needles:
+        k[0, b * 4: b * 4 + 4] = 20 * last / last.norm(dim=-1, keepdim=True)
+    kw3 = dict(KW, n_select=12)  # 3 units of 4 blocks: one per needle, nothing to spare
+    sel = mask_summary(q, k, bt, *qb[:3], ws, summary_tokens=16, **kw3)[-1]
+    for h in range(2):
+        assert set(needles) <= set(sel[h].tolist())
+        assert (sel[h] >= 0).sum() == 12
