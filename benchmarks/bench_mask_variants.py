@@ -7,6 +7,8 @@ simulated by ``quality_lib.HipSim`` with the mask function swapped (``mask_varia
 * ``oracle``: the exact top-n blocks under HiP's block score (the ceiling of any selection with this budget);
 * ``oracle_norm``: the same under a per-head normalised score; ``v3_last``: v3 with the prompt's last row in a
   query block of its own.
+* ``summary``: whole 16-token pages ranked by max/min key summaries (``mask_variants.mask_summary``, on the
+  normalised score when the config uses it).
 
     python benchmarks/bench_mask_variants.py --lengths 8000 --depths 0.25,0.75,1.0 --seeds 0,1
 
@@ -53,7 +55,8 @@ def main() -> None:
     model, tok = ql.load_smollm2()
     stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
     fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle, "v3_last": None,
-           "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window)}
+           "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window),
+           "summary": partial(mv.mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mv.mask_summary}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
