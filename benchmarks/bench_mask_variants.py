@@ -56,7 +56,7 @@ def main() -> None:
     stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
     fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle, "v3_last": None,
            "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window),
-           "summary": partial(mv.mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mv.mask_summary}
+           "summary": mv.mask_summary_for(cfg)}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]

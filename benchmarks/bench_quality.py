@@ -334,10 +334,8 @@ def cmd_layers(a) -> dict:
     if a.mask == "oracle":  # exact top-n blocks under HiP's block score: the ceiling of the selection
         from mask_variants import mask_oracle as mask_fn
     elif a.mask == "summary":  # from per-page max/min key summaries only (what a KV offload could keep on the GPU)
-        import functools
-
-        from mask_variants import mask_summary, mask_summary_norm
-        mask_fn = functools.partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
+        from mask_variants import mask_summary_for
+        mask_fn = mask_summary_for(cfg)
     per = layer_table(caps, cfg, a.max_blocks, a.decode_steps if a.mask == "v3" else 0, mask_fn)
     t_m = time.time() - t0
     cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (

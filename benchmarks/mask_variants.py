@@ -210,3 +210,10 @@ def mask_summary_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_
     q2, k2 = _normalised(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
                          sink_tokens=kw["sink_tokens"], window=window)
     return mask_summary(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)
+
+
+def mask_summary_for(cfg):
+    """The summary selection on the score ``cfg`` uses (normalised over ``cfg.norm_keys``, or raw)."""
+    from functools import partial
+
+    return partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary

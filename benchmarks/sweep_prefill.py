@@ -119,7 +119,7 @@ def main():
             dmk = dict(mk, block_size_q=1, query_stride=1)
             dec.append(us_graph(lambda: hip_mask(qd[:B], kc, btd[:B], qbd[0][:B], qbd[1][:B], qbd[2][:B], wsd,
                                                  out=idd, **dmk)))
-        # decode attention at batch 6 over the last decode mask, for the two attention knobs (CUDA graph)
+        # decode attention at batch 6 over the last decode mask, with and without the causal tail (CUDA graph)
         outd = torch.empty_like(qd)
         dak = dict(ak, block_size_q=1)
         datt = {ct: us_graph(lambda ct=ct: hip_attention(

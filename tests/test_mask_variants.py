@@ -142,3 +142,13 @@ def test_summary_of_single_keys_is_the_oracle_and_coarser_summaries_still_find_p
     for h in range(2):
         assert set(needles) <= set(sel[h].tolist())
         assert (sel[h] >= 0).sum() == 12
+
+
+def test_summary_selection_follows_the_configs_score():
+    from mask_variants import mask_summary_for, mask_summary_norm
+
+    from vllm_hip.config import HipConfig
+
+    assert mask_summary_for(HipConfig(normalised_score=False)) is mask_summary
+    norm = mask_summary_for(HipConfig(norm_window=512))
+    assert norm.func is mask_summary_norm and norm.keywords == {"window": 512}
