@@ -4,10 +4,12 @@ import torch
 
 
 def reference_fa(q, k, v, out, cu_seqlens_q, max_seqlen_q, seqused_k, max_seqlen_k, softmax_scale, causal,
-                 block_table, fa_version, *, use_max_len=False, ignore_table=False):
+                 block_table, fa_version, num_splits=0, *, use_max_len=False, ignore_table=False):
     """Causal attention aligned to the end of each request's ``seqused_k`` keys; a request with no keys gets
-    zeros (as FlashAttention). ``use_max_len`` / ``ignore_table``: deliberately wrong variants for the tests."""
+    zeros (as FlashAttention). ``num_splits`` changes only how FlashAttention-3 divides the work (FA2 refuses more
+    than 1). ``use_max_len`` / ``ignore_table``: deliberately wrong variants for the tests."""
     assert causal
+    assert isinstance(num_splits, int) and num_splits >= 0 and (fa_version == 3 or num_splits <= 1), num_splits
     hkv, d = k.shape[2], k.shape[3]
     for r in range(cu_seqlens_q.numel() - 1):
         q0, q1 = int(cu_seqlens_q[r]), int(cu_seqlens_q[r + 1])

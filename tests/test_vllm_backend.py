@@ -174,11 +174,24 @@ def test_short_rows_of_one_request_batches_stay_on_the_hip_kernel():
     assert [pays([], n) for n in (1, 2)] == [False, True]  # eager: one request alone never hands over
 
 
+def test_flash_decode_splits_fill_one_wave_of_the_sms():
+    """FlashAttention-3's split count for decode calls: rows x KV heads x splits within one wave of the SMs (the
+    H200's 132 SMs, Llama-3.1-8B's 8 KV heads: the counts measured fastest in bench_dense_decode.py), never 0."""
+    from vllm_hip.backend import fa_decode_splits
+
+    assert [fa_decode_splits(rows, 8, 132) for rows in (1, 2, 4, 6, 8, 16, 32)] == [16, 8, 4, 2, 2, 1, 1]
+    assert fa_decode_splits(3, 2, 132) == 22
+    assert fa_decode_splits(4, 8, 1) == 1
+
+
 def test_short_decode_rows_go_to_flash_attention(tiny_model, prompts):
     """hip.dense_below_seq_len with FlashAttention present (a torch stand-in on CPU): in HiP layers, decode rows at
     or below the threshold are served by one FlashAttention call per layer and skipped by the HiP kernels, while
-    the longer request of the same batch goes through HiP. Same tokens as the Triton kernels serving every row."""
-    hip = dict(HIP_ACTIVE, dense_below_seq_len=600)  # prompts of ~40 and ~350 tokens dense, ~900 through HiP
+    the longer request of the same batch goes through HiP. The dense layer's decode call reads every row whole,
+    past the threshold (the stand-in refuses a row longer than the call's max_seqlen_k, as FlashAttention reads no
+    key past it). Same tokens as the Triton kernels serving every row."""
+    # prompts of ~40 and ~350 tokens dense, ~900 through HiP; layer 0 dense
+    hip = dict(HIP_ACTIVE, dense_below_seq_len=600, dense_layers=[0])
     spec = _spec(tiny_model, "HIP", hip, prompts[:3], max_num_batched_tokens=128)
     spec.update(max_tokens=8, force_triton=True)
     want = run_vllm(spec)["tokens"]

@@ -126,6 +126,18 @@ class DensePrefill:
     max_seqlen_k: int
     all_layers: bool
     token_end: int | None = None
+    num_splits: int = 0  # FlashAttention-3's split-K count (0: its own heuristic); decode calls set it
+
+
+def fa_decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
+    """FlashAttention-3 split count for a decode call of ``rows`` requests (one query token each): as many splits
+    as keep its CTAs (``rows x kv heads x splits``, query heads packed per KV head) within one wave of the SMs.
+
+    FA3's own choice overshoots that wave at mid batch sizes: on the H200 at 128K and 6 requests it runs 3 splits,
+    144 CTAs on 132 SMs, 1027 us per layer; 2 splits take 748 us (858 with the 2 padding rows of the captured graph
+    of 8), and at 8K and 32K 2 splits are 20-25 % faster too. Batch 16 (1 split) and batch 1 (16) come out as fast
+    as FA3's choice (``benchmarks/bench_dense_decode.py``, BENCHMARKS.md §2, 2026-12-02 20:05)."""
+    return max(1, num_sms // max(1, rows * num_kv_heads))
 
 
 @dataclass
@@ -176,6 +188,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
         self._dec_cu = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)  # one query token per request
         self._max_model_len = vllm_config.model_config.max_model_len
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         # Decode masks of every layer of this group. Allocated at the first build, i.e. outside any CUDA-graph
         # capture (an allocation captured with its fill would reset the cache at every replay).
         self._mask_caches: dict[str, torch.Tensor] | None = None
@@ -291,7 +304,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # __init__); otherwise the Triton path serves them all.
         dec_fa = self._fa_ok and n_dec > 0 and int(dec_reqs[-1]) == n_dec - 1
         decode = self._decode_blocks(cm, dec_reqs, seq_lens, block_table, dec_fa) if n_dec else None
-        dense_decode = self._decode_rows_fa(cm, n_dec, cm.seq_lens[:n_dec]) if dec_fa else None
+        # The dense layers' decode rows are as long as the model admits (FlashAttention reads no key past
+        # max_seqlen_k by contract; hip.dense_below_seq_len bounds only the HiP layers' hand-over rows).
+        dense_decode = self._decode_rows_fa(cm, n_dec, cm.seq_lens[:n_dec], self._max_model_len) if dec_fa else None
         if self._mask_caches is None:
             hip_layers = [name for name in self.layer_names if not self._is_dense_layer(name)]
             # One tensor for all layers, so offload reads every layer's selection in one gather. Rows padded to a
@@ -387,16 +402,18 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             all_layers=bool(below) and int(seq_host.max()) <= below and not self.cfg.offload.enabled,
         )
 
-    def _decode_rows_fa(self, cm, n: int, seqused_k: torch.Tensor) -> DensePrefill:
+    def _decode_rows_fa(self, cm, n: int, seqused_k: torch.Tensor, max_k: int | None = None) -> DensePrefill:
         """The step's ``n`` decode rows as one FlashAttention call (one query token per request), each reading
-        ``seqused_k`` keys (0: none). Persistent tensors and a static ``max_seqlen_k`` only, so a captured decode
-        graph replays it with this step's values. Rows handed over are at most ``hip.dense_below_seq_len`` long,
-        which bounds ``max_seqlen_k``: FlashAttention sizes its split-K grid from it, and with the model's length
-        (128K+) every HiP layer paid ~30 us on the H200 for a call with no rows at all."""
-        max_k = min(self._max_model_len, self.cfg.dense_below_seq_len)
+        ``seqused_k`` keys (0: none), at most ``max_k``. Persistent tensors, a static ``max_seqlen_k`` and a static
+        split count (``fa_decode_splits`` of ``n``, which inside a graph is the captured size), so a captured decode
+        graph replays it with this step's values. Default ``max_k``: the HiP layers' hand-over, whose rows are at
+        most ``hip.dense_below_seq_len`` long: with the model's length (128K+) FlashAttention's own split choice made
+        every HiP layer pay ~30 us on the H200 for a call with no rows at all."""
+        if max_k is None:
+            max_k = min(self._max_model_len, self.cfg.dense_below_seq_len)
         return DensePrefill(token_start=0, token_end=n, cu_seqlens_q=self._dec_cu[: n + 1], seqused_k=seqused_k,
                             block_table=cm.block_table_tensor[:n], max_seqlen_q=1, max_seqlen_k=max_k,
-                            all_layers=False)
+                            all_layers=False, num_splits=fa_decode_splits(n, self.num_kv_heads, self._num_sms))
 
     def _decode_blocks(self, cm, dec_reqs, seq_lens, block_table, rows_fa: bool) -> QueryBlocks:
         n = dec_reqs.numel()

@@ -91,9 +91,10 @@ def flash_prefill(q, k_cache, v_cache, dp, *, scale, out) -> None:
     query token per request) with vLLM's FlashAttention."""
     fa, version = compat.flash_attn_varlen()
     t0, T = dp.token_start, out.shape[0] if dp.token_end is None else dp.token_end
+    splits = dict(num_splits=dp.num_splits) if dp.num_splits and version == 3 else {}  # FA2 takes no split count
     fa(q=q[t0:T], k=k_cache, v=v_cache, out=out[t0:T], cu_seqlens_q=dp.cu_seqlens_q, max_seqlen_q=dp.max_seqlen_q,
        seqused_k=dp.seqused_k, max_seqlen_k=dp.max_seqlen_k, softmax_scale=scale, causal=True,
-       block_table=dp.block_table, fa_version=version)
+       block_table=dp.block_table, fa_version=version, **splits)
 
 
 def flash_attn_check(device, dtype, head_size: int, num_kv_heads: int, page_size: int) -> str | None:
