@@ -26,8 +26,10 @@
 # tiny model carried: 171 s and 192 s side by side on the H200, the 18 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
 # `throughput` (354 s on 2026-12-02 after `install` and the kit, detokenize off), `offload` (HIP vs HIP_OFFLOAD only: ~7 min), `longest` in its own
 # command (LONGEST=1400000 LONGEST_HOST_GIB=72: 523 s, the most this machine holds), `profile` (158 s), `bench` (72 s),
-# `serve` (~6 min); `kernels` takes ~6.5 min (184 tests in 380 s on 2026-12-02, side by side with `vllm`). SmolLM2's GGUF comes over in two pieces (.gpu-assets/smollm2.gguf.part0/1, carried by
-# two commands); set SMOLLM2_GGUF to the joined file for `install`.
+# `serve` (~6 min); `kernels` takes ~6.5 min (172 tests in 380 s on 2026-12-03, side by side with `vllm`, which took 271 s
+# with the SmolLM2 jobs). SmolLM2's GGUF comes over in two pieces (`split -b 49181216 -d -a 1 GGUF
+# .gpu-assets/smollm2.gguf.part`), each carried by its own command (a kit piece and a GGUF piece together pass the
+# 64 MiB carry limit) and copied to /tmp/kit; join them and set SMOLLM2_GGUF to the joined file for `install`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hip-gpu-out}

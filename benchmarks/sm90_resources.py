@@ -28,8 +28,10 @@ from triton.compiler import ASTSource  # noqa: E402
 from vllm_hip.kernels import triton_hip as th  # noqa: E402
 
 POINTERS = {n: "*i32" for n in ("bt_ptr", "qb_req_ptr", "qb_start_ptr", "qb_len_ptr", "ws_ptr", "out_ptr", "out_row_ptr",
-                                "lo_ptr", "hi_ptr", "lo_in", "hi_in", "lo_out", "hi_out", "cnt_ptr")}
-POINTERS.update(q_ptr="*bf16", k_ptr="*bf16", score_ptr="*fp32", active_ptr="*i1", hk_off="i64")
+                                "lo_ptr", "hi_ptr", "lo_in", "hi_in", "lo_out", "hi_out", "cnt_ptr", "glo_ptr",
+                                "ghi_ptr")}
+POINTERS.update(q_ptr="*bf16", k_ptr="*bf16", score_ptr="*fp32", norm_ptr="*fp32", active_ptr="*i1", coarse_ptr="*i1",
+                hk_off="i64")
 
 
 def ptxas_report(jitfn, consts: dict, num_warps: int) -> str:
@@ -61,6 +63,7 @@ def ptxas_report(jitfn, consts: dict, num_warps: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exact", default="1,8,16", help="values of hip.mask_exact_blocks")
+    ap.add_argument("--groups", action="store_true", help="the per-round kernels with the staged refresh's groups")
     a = ap.parse_args()
     print(f"triton {triton.__version__}, target sm_90a")
     n = 256
@@ -68,10 +71,19 @@ def main() -> None:
     for e in (int(x) for x in a.exact.split(",")):
         for phase, shp in shapes.items():
             consts = dict(G=4, D=128, N=n, N_PAD=n, BK=8, STRIDE=2, HAS_ACTIVE=True, IEEE=False, UPCAST=False,
-                          EXACT=e, E_PAD=e, SC_W=max(2, e) * n, **shp)
+                          EXACT=e, E_PAD=e, SC_W=max(2, e) * n, NORM=True, NS=8, **shp)
             warps = 4 if shp["M_PAD"] * shp["KROWS"] <= 64 * 64 else 8
-            for kern in (th._hip_mask_round_kernel, th._hip_mask_kernel, th._hip_mask_round_kernel_tiered,
-                         th._hip_mask_kernel_tiered):
+            kerns = (th._hip_mask_round_kernel, th._hip_mask_kernel, th._hip_mask_round_kernel_tiered,
+                     th._hip_mask_kernel_tiered)
+            if a.groups:
+                if phase != "decode" or e == 1:
+                    continue
+                kerns = kerns[::2]
+            for kern in kerns:
+                if "round" in kern.fn.__name__:
+                    consts["GROUPS"] = a.groups
+                else:
+                    consts.pop("GROUPS", None)
                 print(f"exact_blocks {e:>2}  {phase:<7}  {kern.fn.__name__:<31} {warps} warps: "
                       f"{ptxas_report(kern, consts, warps)}", flush=True)
 

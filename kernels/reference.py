@@ -145,6 +145,9 @@ def hip_mask_reference(
     exact_blocks: int = 1,
     norm_window: int = 0,
     host_k_cache: torch.Tensor | None = None,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    groups_row: torch.Tensor | None = None,
+    coarse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hierarchical top-k key-block selection (HiP v3, with an exact last stage) for every (query block, KV head).
 
@@ -163,6 +166,12 @@ def hip_mask_reference(
     outbid, in the max over the KV group's heads, a head that needs a far block (BENCHMARKS.md §4). It must not
     exceed the window that gave ``window_start`` (those keys then precede every scored row).
     Returns ``[QB, Hkv, n_select]`` int32, sorted ascending, -1 padded. ``host_k_cache``: see the module docstring.
+
+    Staged refresh (decode): ``groups`` = ``(lo, hi)``, int32 ``[R, Hkv, >= n_select]`` caches of the groups that
+    enter the exact round, at row ``groups_row[i]`` for query block ``i``. Blocks with ``coarse[i]`` nonzero run
+    the whole search and store those groups; the others skip the halving rounds and run only the exact round over
+    the groups stored by their last coarse search (same ``window_start``, so the same group layout). Needs
+    ``exact_blocks`` > 1.
     """
     k_cache = tiered_cache(k_cache, host_k_cache)
     dev = q.device
@@ -226,6 +235,13 @@ def hip_mask_reference(
     while bool((size > E).any()):
         rounds += size > E
         size = torch.where(size > E, -torch.div(-size, 2, rounding_mode="floor"), size)
+    if groups is not None:
+        assert E > 1 and groups_row is not None and coarse is not None, "staged refresh: exact_blocks > 1, rows, flags"
+        g_row = groups_row.long()[sel]
+        stale = ~coarse.bool()[sel]  # exact round only, over the stored groups
+        lo = torch.where(stale[:, None, None], groups[0][g_row, :, :n].long(), lo)
+        hi = torch.where(stale[:, None, None], groups[1][g_row, :, :n].long(), hi)
+        rounds = torch.where(stale, torch.zeros_like(rounds), rounds)
     for r in range(int(rounds.max())):
         split = (hi - lo > 1) & (rounds > r)[:, None, None]
         mid = torch.div(lo + hi, 2, rounding_mode="floor")
@@ -238,6 +254,10 @@ def hip_mask_reference(
         order = torch.sort(sc, dim=-1, descending=True, stable=True).indices[..., :n]
         order = torch.sort(order, dim=-1).values  # back to position order
         lo, hi = torch.gather(c_lo, -1, order), torch.gather(c_hi, -1, order)
+    if groups is not None:
+        fresh = ~stale
+        groups[0][g_row[fresh], :, :n] = lo[fresh].to(groups[0].dtype)
+        groups[1][g_row[fresh], :, :n] = hi[fresh].to(groups[1].dtype)
     if E > 1 and bool((hi - lo > 1).any()):
         # Exact round: every block of every group (groups are disjoint and in position order, so the flattened
         # candidates are too), each scored by its own keys; the n best blocks.

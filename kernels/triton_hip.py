@@ -497,17 +497,19 @@ def _hip_mask_kernel_tiered(
 @triton.jit
 def _hip_mask_init_body(
     q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr, NORM: tl.constexpr,
+    TIERED: tl.constexpr, NORM: tl.constexpr, GROUPS: tl.constexpr,
 ):
     """Program ``(qb, h, 0)``: the initial groups (or the whole selection when the candidates fit in ``N``).
     With ``NORM`` every program ``(qb, h, c)`` also writes its share (chunks ``c, c + NS, ...``) of the rows'
-    reference maxima to ``norm_ptr[(qb, h), c]``; the rounds take the max over ``c``."""
+    reference maxima to ``norm_ptr[(qb, h), c]``; the rounds take the max over ``c``. ``GROUPS`` (staged
+    refresh): blocks whose ``coarse`` flag is 0 keep their stored groups; the others also store the initial
+    groups in the group cache (what the exact round reads when no halving round follows)."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     c = tl.program_id(2)
@@ -528,8 +530,15 @@ def _hip_mask_init_body(
                 vals = tl.where(ar < count, begin + ar, -1)
                 tl.store(out_ptr + row * so0 + h * so1 + ar * so2, vals.to(tl.int32), mask=ar < N)
             else:
-                tl.store(lo_ptr + pid * N_PAD + ar, begin + (ar * count) // N, mask=ar < N)
-                tl.store(hi_ptr + pid * N_PAD + ar, begin + ((ar + 1) * count) // N, mask=ar < N)
+                lo0 = begin + (ar * count) // N
+                hi0 = begin + ((ar + 1) * count) // N
+                tl.store(lo_ptr + pid * N_PAD + ar, lo0, mask=ar < N)
+                tl.store(hi_ptr + pid * N_PAD + ar, hi0, mask=ar < N)
+                if GROUPS:
+                    if tl.load(coarse_ptr + qb) != 0:
+                        gb = (tl.load(out_row_ptr + qb).to(tl.int64) * Hkv + h) * N_PAD
+                        tl.store(glo_ptr + gb + ar, lo0, mask=ar < N)
+                        tl.store(ghi_ptr + gb + ar, hi0, mask=ar < N)
         if NORM:
             if count > N:
                 req = tl.load(qb_req_ptr + qb).to(tl.int64)
@@ -547,36 +556,38 @@ def _hip_mask_init_body(
 @triton.jit(do_not_specialize=["sbt0"])
 def _hip_mask_init_kernel(
     q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     _hip_mask_init_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens,
-        page_size, norm_window, 0, 0, 0, 0, 0, 0,
+        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0,
+        so0, so1, so2, sink_tokens, page_size, norm_window, 0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, NORM=NORM)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, NORM=NORM, GROUPS=GROUPS)
 
 
 @triton.jit(do_not_specialize=["sbt0", "n_dev", "hk_off"])
 def _hip_mask_init_kernel_tiered(
     q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-    lo_ptr, hi_ptr, cnt_ptr, norm_ptr,
+    lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size, norm_window,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
+    GROUPS: tl.constexpr,
 ):
     _hip_mask_init_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens,
-        page_size, norm_window, hk_off, shk0, shk1, shk2, shk3, n_dev,
+        lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0,
+        so0, so1, so2, sink_tokens, page_size, norm_window, hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
-        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, NORM=NORM)
+        HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, NORM=NORM, GROUPS=GROUPS)
 
 
 @triton.jit
@@ -584,7 +595,7 @@ def _hip_mask_round_body(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
@@ -592,8 +603,10 @@ def _hip_mask_round_body(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
 ):
+    """``GROUPS`` (staged refresh): the groups entering the exact round live in a per-row cache; blocks whose
+    ``coarse`` flag is 0 skip the halving rounds and rescore the groups their last coarse search stored."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     c = tl.program_id(2)
@@ -606,13 +619,26 @@ def _hip_mask_round_body(
     begin = sink_tokens // BK
     count = tl.maximum(ws // BK - begin, 0)
     rounds, exact = _halving_rounds(count, N, EXACT)  # count <= N: none (the init kernel selected all)
-    if (act != 0) & (rnd < rounds + exact):
+    go = (act != 0) & (rnd < rounds + exact)
+    if GROUPS:
+        go = go & ((tl.load(coarse_ptr + qb) != 0) | (rnd == rounds))
+    if go:
         req = tl.load(qb_req_ptr + qb).to(tl.int64)
         start = tl.load(qb_start_ptr + qb).to(tl.int64)
         ln = tl.load(qb_len_ptr + qb)
         pid = (qb * Hkv + h).to(tl.int64)
         lo_s = lo_in + pid * N_PAD
         hi_s = hi_in + pid * N_PAD
+        lo_d = lo_out + pid * N_PAD
+        hi_d = hi_out + pid * N_PAD
+        if GROUPS:  # the exact round's input groups: written by the last halving round (or init), read by the exact
+            gb = (tl.load(out_row_ptr + qb).to(tl.int64) * Hkv + h) * N_PAD
+            if rnd == rounds:
+                lo_s = glo_ptr + gb
+                hi_s = ghi_ptr + gb
+            if rnd == rounds - 1:
+                lo_d = glo_ptr + gb
+                hi_d = ghi_ptr + gb
         sc_s = score_ptr + pid * SC_W
         qt, rvalid, d = _scored_queries(q_ptr, start, ln, h, sq0, sq1, sq2, G=G, D=D, NQ=NQ, NQ_P=NQ_P,
                                         M_PAD=M_PAD, STRIDE=STRIDE)
@@ -657,8 +683,8 @@ def _hip_mask_round_body(
                 row = tl.load(out_row_ptr + qb).to(tl.int64)
                 tl.store(out_ptr + row * so0 + h * so1 + slot * so2, clo2.to(tl.int32), mask=sel)
             else:
-                tl.store(lo_out + pid * N_PAD + slot, clo2, mask=sel)
-                tl.store(hi_out + pid * N_PAD + slot, chi2, mask=sel)
+                tl.store(lo_d + slot, clo2, mask=sel)
+                tl.store(hi_d + slot, chi2, mask=sel)
 
 
 @triton.jit(do_not_specialize=["rnd", "cpp", "sbt0"])
@@ -666,23 +692,24 @@ def _hip_mask_round_kernel(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
+        sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS)
 
 
 @triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off"])
@@ -690,7 +717,7 @@ def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
     out_ptr, out_row_ptr, active_ptr,
-    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr,
+    score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
@@ -698,16 +725,17 @@ def _hip_mask_round_kernel_tiered(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
 ):
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
-        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
+        score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
+        sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS)
 
 
 def hip_mask(
@@ -716,6 +744,7 @@ def hip_mask(
     exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
     krows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    groups=None, coarse=None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -734,6 +763,8 @@ def hip_mask(
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
+    ``groups`` = ``(lo, hi)`` int32 ``[R, Hkv, p2(n_select)]`` and ``coarse`` ``[QB]``: the staged refresh of
+    ``hip_mask_reference`` (rows ``out_row``; per-round path only; needs ``exact_blocks`` > 1).
     """
     QB = qb_req.shape[0]
     T, Hq, D = q.shape
@@ -764,7 +795,13 @@ def hip_mask(
     krows = max(int(krows), bk) if krows else default_krows
     nw = num_warps or (4 if D <= 128 or m_pad * krows <= 64 * 64 else 8)
     if single_launch is None:
-        single_launch = QB * Hkv >= 4 * _num_sms(dev)
+        single_launch = QB * Hkv >= 4 * _num_sms(dev) and groups is None
+    staged = groups is not None
+    if staged:
+        assert not single_launch and coarse is not None and out_row is not None and int(exact_blocks) > 1, \
+            "staged refresh: per-round path, coarse flags, out_row and exact_blocks > 1"
+        assert all(g.dtype == torch.int32 and g.is_contiguous() and g.shape[1:] == (Hkv, n_pad) for g in groups), \
+            f"group caches must be contiguous int32 [rows, {Hkv}, {n_pad}]"
     has_active = active is not None
     act = active if has_active else qb_len
     ieee = q.dtype == torch.float32
@@ -802,12 +839,13 @@ def hip_mask(
     # normalised score: each (qb, head)'s reference maxima in ns partial rows, one per init program
     ns = min(8, _p2(_cdiv(int(sink_tokens) + int(norm_window), krows))) if norm else 1
     scratch_norm = torch.empty((QB * Hkv * ns * m_pad,) if norm else (1,), dtype=torch.float32, device=dev)
+    g_args = (*groups, coarse) if staged else (cnt, cnt, act)  # unused pointers without GROUPS
     (_hip_mask_init_kernel_tiered if tier else _hip_mask_init_kernel)[(QB, Hkv, ns)](
         q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, out, out_row, act, lo[0], hi[0], cnt,
-        scratch_norm, *q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens),
+        scratch_norm, *g_args, *q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens),
         k_cache.shape[1], int(norm_window), *tier,
         G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride), KROWS=krows,
-        HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, NORM=norm,
+        HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, NORM=norm, GROUPS=staged,
         num_warps=nw if norm else 1,
     )
     ch = krows // bk
@@ -824,12 +862,12 @@ def hip_mask(
     nch = _cdiv(total_chunks, cpp)
     # Arguments shared by every round, built once (this wrapper runs per layer per step in eager steps).
     head = (q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, out, out_row, act, scratch_sc)
-    norm_arg = (scratch_norm,)
+    norm_arg = (scratch_norm, *g_args)
     mid = (*q.stride(), *k_cache.stride(), block_table.stride(0), *out_strides, int(sink_tokens), k_cache.shape[1])
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
-                SC_W=sc_w, NORM=norm, NS=ns, num_warps=nw)
+                SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, num_warps=nw)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
         kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *norm_arg, *mid, r, cpp, *tier, **meta)

@@ -346,6 +346,129 @@ def test_hip_mask_exact_stage_finds_single_block_needles(single):
     assert missed_by_v3 > 0  # the case is one where judging halves by their centre blocks is not enough
 
 
+def _staged_case(seed):
+    """Decode rows whose searches halve 4 times, once, not at all (exact round at once), and take all."""
+    Hq, Hkv, D, page, bk, n, sink, window, E = 8, 2, 32, 16, 4, 8, 8, 32, 4
+    lens = [40 * n * bk + 7, 7 * n * bk + 16, 3 * n * bk, 20, 25 * n * bk + 3]
+    q, kc, vc, bt, qsl, seq = _problem(lens, [1] * len(lens), Hq, Hkv, D, page, torch.float32, seed=seed)
+    qb = make_query_blocks(qsl, seq, 1)
+    ws = window_starts(qb[3], window, bk)
+    kw = dict(n_select=n, block_size_q=1, block_size_k=bk, sink_tokens=sink, query_stride=1, exact_blocks=E,
+              norm_window=16)
+    rows = torch.tensor([3, 0, 5, 1, 4], dtype=torch.int32, device=DEV)  # slots of a 6-row cache
+    return q, kc, bt, qb, ws, kw, rows
+
+
+def _staged_buffers(Hkv, n):
+    out = torch.full((6, Hkv, n), -1, dtype=torch.int32, device=DEV)
+    groups = tuple(torch.full((6, Hkv, n), -3, dtype=torch.int32, device=DEV) for _ in range(2))
+    return out, groups
+
+
+def _staged_step(q, kc, bt, qb, ws, kw, rows, active, coarse, bufs, triton: bool):
+    out, groups = bufs
+    if triton:
+        th.hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=out, out_row=rows, active=active, groups=groups,
+                    coarse=coarse, **kw)
+    else:
+        keep = active.bool()
+        idx = hip_mask_reference(q, kc, bt, qb[0][keep], qb[1][keep], qb[2][keep], ws[keep], groups=groups,
+                                 groups_row=rows[keep], coarse=coarse[keep], **kw)
+        out[rows[keep].long()] = idx
+
+
+def test_staged_refresh_matches_reference():
+    """Staged refresh (InfiniteHiP's per-stage intervals): a coarse step runs the whole search and keeps the groups
+    that enter the exact round; later steps with ``coarse`` 0 rerun only the exact round over those groups. The
+    kernels and the reference agree on the selections and on the stored groups, step after step, for rows that
+    halve 4 times, once, never, and take all; inactive rows keep their rows."""
+    q, kc, bt, qb, ws, kw, rows = _staged_case(seed=31)
+    Hkv, n = kc.shape[2], kw["n_select"]
+    tri, ref = _staged_buffers(Hkv, n), _staged_buffers(Hkv, n)
+    g = torch.Generator().manual_seed(5)
+    steps = [([1, 1, 1, 1, 1], [1, 1, 1, 1, 1]), ([1, 1, 1, 1, 0], [0, 0, 0, 0, 0]), ([1, 0, 1, 1, 1], [0, 1, 0, 1, 0]),
+             ([1, 1, 1, 1, 1], [0, 0, 0, 0, 1])]
+    full = None
+    for step, (active, coarse) in enumerate(steps):
+        if step:  # the next token's query: close to the last one, as in decode
+            q = q + 0.5 * torch.randn(q.shape, generator=g).to(q)
+        a = torch.tensor(active, dtype=torch.int32, device=DEV)
+        c = torch.tensor(coarse, dtype=torch.bool, device=DEV)
+        _staged_step(q, kc, bt, qb, ws, kw, rows, a, c, tri, triton=True)
+        _staged_step(q, kc, bt, qb, ws, kw, rows, a, c, ref, triton=False)
+        assert torch.equal(tri[0], ref[0]), step
+        stored = ref[1][0] != -3  # rows whose search stored groups (the take-all row never does)
+        assert torch.equal(tri[1][0][stored], ref[1][0][stored]) and torch.equal(tri[1][1][stored], ref[1][1][stored])
+        if step == 0:
+            full = hip_mask_reference(q, kc, bt, qb[0], qb[1], qb[2], ws, **kw)
+            assert torch.equal(tri[0][rows.long()], full)  # a coarse step is the plain search
+    # rows that halve have groups wider than one block; the take-all row (20 tokens) stored none
+    assert (tri[1][0][rows[3].long()] == -3).all() and ((tri[1][1] - tri[1][0])[rows[0].long()] > 1).any()
+
+
+def test_staged_refresh_through_ops_on_cpu_tensors():
+    """The CPU backend's path (``ops.mask`` on CPU tensors: the reference, with the ``active`` rows filtered out
+    and the group caches addressed through ``out_row``) gives what the kernels give, over a coarse step and an
+    exact-only step with some rows inactive."""
+    pytest.importorskip("vllm")
+    from vllm_hip import ops
+
+    q, kc, bt, qb, ws, kw, rows = _staged_case(seed=33)
+    Hkv, n = kc.shape[2], kw["n_select"]
+    tri = _staged_buffers(Hkv, n)
+    cpu = tuple(t.cpu() for t in _staged_buffers(Hkv, n)[:1]) + (tuple(t.cpu() for t in _staged_buffers(Hkv, n)[1]),)
+    g = torch.Generator().manual_seed(6)
+    for active, coarse in (([1, 1, 1, 1, 1], [1, 1, 1, 1, 1]), ([1, 0, 1, 1, 1], [0, 0, 1, 0, 0])):
+        a = torch.tensor(active, dtype=torch.int32, device=DEV)
+        c = torch.tensor(coarse, dtype=torch.bool, device=DEV)
+        _staged_step(q, kc, bt, qb, ws, kw, rows, a, c, tri, triton=True)
+        ops.mask(q.cpu(), kc.cpu(), bt.cpu(), *(t.cpu() for t in qb[:3]), ws.cpu(), out=cpu[0], out_row=rows.cpu(),
+                 active=a.cpu(), groups=cpu[1], coarse=c.cpu(), **kw)
+        assert torch.equal(tri[0].cpu(), cpu[0])
+        q = q + 0.5 * torch.randn(q.shape, generator=g).to(q)
+
+
+def test_staged_refresh_rescores_within_the_stored_groups():
+    """After a coarse step, a key block that becomes the best (a spike planted in its keys) is found by an
+    exact-only refresh when it lies in a stored group, and is not when it lies outside every stored group: the
+    exact round rescores the coarse search's groups and nothing else."""
+    q, kc, bt, qb, ws, kw, rows = _staged_case(seed=32)
+    Hkv, n, bk, page = kc.shape[2], kw["n_select"], kw["block_size_k"], kc.shape[1]
+    G = q.shape[1] // Hkv
+    kc.mul_(0.2)
+    bufs = _staged_buffers(Hkv, n)
+    ones = torch.ones(5, dtype=torch.int32, device=DEV)
+    _staged_step(q, kc, bt, qb, ws, kw, rows, ones, ones.bool(), bufs, triton=True)
+    out, (glo, ghi) = bufs
+    before = out.clone()
+    inside, outside = {}, {}
+    for i in (0, 1, 4):  # rows that halve
+        r, row = int(qb[0][i]), int(rows[i])
+        for h in range(Hkv):
+            lo, hi = glo[row, h].tolist(), ghi[row, h].tolist()
+            in_groups = {b for a, z in zip(lo, hi) for b in range(a, z)}
+            chosen = set(before[row, h].tolist())
+            cand = sorted(in_groups - chosen)
+            out_cand = sorted(set(range(kw["sink_tokens"] // bk, int(ws[i]) // bk)) - in_groups)
+            assert cand and out_cand
+            inside[i, h], outside[i, h] = cand[len(cand) // 2], out_cand[len(out_cand) // 2]
+            direction = q[int(qb[1][i]), h * G:(h + 1) * G].float().mean(0)
+            direction = direction / direction.norm()
+            for nb in (inside[i, h], outside[i, h]):
+                t = nb * bk + 1
+                kc[bt[r, t // page], t % page, h] += 8.0 * direction.to(kc.dtype)
+    zeros = torch.zeros(5, dtype=torch.bool, device=DEV)
+    _staged_step(q, kc, bt, qb, ws, kw, rows, ones, zeros, bufs, triton=True)
+    ref = _staged_buffers(Hkv, n)
+    ref[1][0].copy_(glo)
+    ref[1][1].copy_(ghi)
+    _staged_step(q, kc, bt, qb, ws, kw, rows, ones, zeros, ref, triton=False)
+    assert torch.equal(out, ref[0])
+    for (i, h), nb in inside.items():
+        got = out[int(rows[i]), h].tolist()
+        assert nb in got and outside[i, h] not in got, (i, h, nb, outside[i, h], got)
+
+
 # ----------------------------------------------------------------------------------------- hip_attention
 def _random_indices(qb, ws, Hkv, n, bk, sink, seed):
     g = torch.Generator().manual_seed(seed)

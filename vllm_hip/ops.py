@@ -49,19 +49,23 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host
 
 def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
          block_size_k, sink_tokens, query_stride, exact_blocks=1, norm_window=0, out=None, out_row=None,
-         active=None, host_k_cache=None) -> torch.Tensor:
-    """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows."""
+         active=None, host_k_cache=None, groups=None, coarse=None) -> torch.Tensor:
+    """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows.
+    ``groups``/``coarse``: the staged refresh (``hip_mask_reference``), group caches at the ``out_row`` rows."""
     kw = dict(n_select=n_select, block_size_q=block_size_q, block_size_k=block_size_k,
               sink_tokens=sink_tokens, query_stride=query_stride, exact_blocks=exact_blocks, norm_window=norm_window)
     if host_k_cache is not None:
         kw["host_k_cache"] = host_k_cache
     if _use_triton(q):
         return _triton().hip_mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
-                                  out=out, out_row=out_row, active=active, **kw)
+                                  out=out, out_row=out_row, active=active, groups=groups, coarse=coarse, **kw)
     if active is not None:
         keep = active.bool()
         qb_req, qb_start, qb_len, window_start = (t[keep] for t in (qb_req, qb_start, qb_len, window_start))
         out_row = out_row[keep] if out_row is not None else None
+        coarse = coarse[keep] if coarse is not None else None
+    if groups is not None:
+        kw.update(groups=groups, groups_row=out_row, coarse=coarse)
     idx = ref.hip_mask_reference(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, **kw)
     if out is None:
         return idx
