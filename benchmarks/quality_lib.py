@@ -221,7 +221,9 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     The last ``steps`` positions act as decode queries (one token each). A mask is estimated at each of the
     first ``cfg.mask_refresh_first_steps`` steps (at least the first) and wherever the length reaches a multiple
     of ``cfg.mask_refresh_interval``, from that step's query alone, and reused until the next refresh,
-    with the window start frozen at the refresh (as ``vllm_hip.mask_state`` does). Returns ``rel_l2`` and
+    with the window start frozen at the refresh (as ``vllm_hip.mask_state`` does). With
+    ``cfg.mask_coarse_interval`` (staged refresh) only the refreshes at its multiples (and the first steps) run the
+    whole search; the others rerun the exact stage over its groups and keep its window start. Returns ``rel_l2`` and
     ``mass`` of the decode outputs vs dense, and ``recall_all``: per (step, head), the fraction of the ``topk``
     (default ``cfg.k``) highest-scoring keys that HiP attends (what ``layer_metrics`` measures for prefill
     query blocks, here for one-token queries with a reused mask).
@@ -238,15 +240,32 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
     F = max(1, cfg.mask_refresh_first_steps)
     fresh = pos - (T - steps) < F
     ref_pos = torch.where(fresh, pos, torch.clamp((pos + 1) // R * R - 1, min=T - steps + F - 1))
-    ws = window_starts(ref_pos, cfg.sliding_window, bk)
     one = torch.ones_like(pos, dtype=torch.int32)
     zero = torch.zeros_like(one)
     # mask of every refresh step, from its own query only (decode: block of one query)
     uniq, inv = torch.unique(ref_pos, return_inverse=True)
-    idx_u = hip_mask_reference(q, kc, bt, zero[: len(uniq)], uniq.to(torch.int32), one[: len(uniq)],
-                               window_starts(uniq, cfg.sliding_window, bk), n_select=cfg.n_select,
-                               block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens, query_stride=1,
-                               exact_blocks=cfg.mask_exact_blocks, norm_window=cfg.mask_kwargs["norm_window"])
+    mk = dict(n_select=cfg.n_select, block_size_q=1, block_size_k=bk, sink_tokens=cfg.sink_tokens, query_stride=1,
+              exact_blocks=cfg.mask_exact_blocks, norm_window=cfg.mask_kwargs["norm_window"])
+    C = cfg.mask_coarse_interval
+    if C:  # staged refresh: the whole search at the coarse positions, the exact stage alone at the others
+        first_u = uniq - (T - steps) < F
+        c_of_u = torch.where(first_u, uniq, torch.clamp((uniq + 1) // C * C - 1, min=T - steps + F - 1))
+        c_uniq, c_inv = torch.unique(c_of_u, return_inverse=True)
+        n_pad = 1 << max(0, cfg.n_select - 1).bit_length()
+        groups = tuple(torch.zeros(len(c_uniq), Hkv, n_pad, dtype=torch.int32) for _ in range(2))
+        nc = len(c_uniq)
+        hip_mask_reference(q, kc, bt, zero[:nc], c_uniq.to(torch.int32), one[:nc],
+                           window_starts(c_uniq, cfg.sliding_window, bk), groups=groups,
+                           groups_row=torch.arange(nc, dtype=torch.int32), coarse=torch.ones(nc, dtype=torch.bool),
+                           **mk)
+        ws_u = window_starts(c_of_u, cfg.sliding_window, bk)  # the window start stays the coarse refresh's
+        idx_u = hip_mask_reference(q, kc, bt, zero[: len(uniq)], uniq.to(torch.int32), one[: len(uniq)], ws_u,
+                                   groups=groups, groups_row=c_inv.to(torch.int32), coarse=uniq == c_of_u, **mk)
+        ws = ws_u[inv]
+    else:
+        ws = window_starts(ref_pos, cfg.sliding_window, bk)
+        idx_u = hip_mask_reference(q, kc, bt, zero[: len(uniq)], uniq.to(torch.int32), one[: len(uniq)],
+                                   window_starts(uniq, cfg.sliding_window, bk), **mk)
     idx = idx_u[inv]
     seq = torch.tensor([T], dtype=torch.int32)
     o_hip = torch.zeros_like(q)

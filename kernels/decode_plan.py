@@ -20,9 +20,10 @@ from .reference import decode_plan_reference  # noqa: F401  (the oracle of decod
 def _decode_plan_kernel(
     bt_ptr, sbt0, W, seq_ptr, req_ptr, prompt_ptr, qsl_ptr, n, rows,
     slot_key_ptr, refresh_len_ptr, ws_state_ptr, slot_of_block_ptr, first_len_ptr, used_ptr, by_rank_ptr,
-    out_req, out_start, out_len, out_pos0, out_ws, out_row, out_refresh, out_fa_len,
-    num_slots, num_blocks, page, window, bk, interval, dense_below, first_steps,
+    out_req, out_start, out_len, out_pos0, out_ws, out_row, out_refresh, out_fa_len, coarse_len_ptr, out_coarse,
+    num_slots, num_blocks, page, window, bk, interval, dense_below, first_steps, coarse_interval,
     HAS_PROMPT: tl.constexpr, DENSE_TO_FA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    COARSE: tl.constexpr,
 ):
     r = tl.arange(0, BLOCK_R)
     rv = r < n
@@ -45,6 +46,11 @@ def _decode_plan_kernel(
     fresh = (L - tl.load(first_len_ptr + s_prev, mask=rv, other=0)) < first_steps
     dense = L <= dense_below
     refresh = ((own & (L > last) & same_run & (fresh == 0)) == 0) & (dense == 0) & live
+    coarse = refresh
+    if COARSE:  # staged refresh: the whole search only where the coarse interval's run changes
+        c_last = tl.load(coarse_len_ptr + s_prev, mask=rv, other=0)
+        same_c = (L // coarse_interval) == (c_last // coarse_interval)
+        coarse = refresh & ((own & (L > c_last) & same_c & (fresh == 0)) == 0)
 
     # Free slots: mark the kept ones, then slot_by_rank[k] = the k-th free slot (k from 1).
     s = tl.arange(0, BLOCK_S)
@@ -66,7 +72,7 @@ def _decode_plan_kernel(
     slot = tl.where(own, s_prev, tl.where(need, new_slot, num_slots))
 
     new_ws = tl.maximum((L - 1 - window) // bk * bk, 0)
-    ws = tl.where(refresh, new_ws, tl.load(ws_state_ptr + slot, mask=rv, other=0))
+    ws = tl.where(coarse, new_ws, tl.load(ws_state_ptr + slot, mask=rv, other=0))
     ws = tl.where(dense | (live == 0), 0, ws)
     tl.debug_barrier()  # every state read above precedes the writes below
 
@@ -75,7 +81,10 @@ def _decode_plan_kernel(
     tl.store(slot_of_block_ptr + tl.where(kept, key_now % num_blocks, num_blocks), slot, mask=rv)
     wr = tl.where(refresh & kept, slot, num_slots)
     tl.store(refresh_len_ptr + wr, L, mask=rv)
-    tl.store(ws_state_ptr + wr, new_ws, mask=rv)
+    wc = tl.where(coarse & kept, slot, num_slots)
+    tl.store(ws_state_ptr + wc, new_ws, mask=rv)
+    if COARSE:
+        tl.store(coarse_len_ptr + wc, L, mask=rv)
     tl.store(first_len_ptr + tl.where(kept & (own == 0), slot, num_slots), L, mask=rv)
 
     # The step's decode buffers; rows in [n, rows) are padding of a captured batch.
@@ -92,16 +101,21 @@ def _decode_plan_kernel(
     tl.store(out_ws + r, ws.to(tl.int32), mask=rv)
     tl.store(out_row + r, slot.to(tl.int32), mask=rv)
     tl.store(out_refresh + r, (refresh & kept & rv).to(tl.int8), mask=rv | pad)
+    if COARSE:
+        tl.store(out_coarse + r, (coarse & kept & rv).to(tl.int8), mask=rv | pad)
 
 
 def decode_plan(slot_key, refresh_len, window_start, slot_of_block, first_len, scratch, block_table, seq_lens,
                 reqs, prompt_step, query_start_loc, out: dict, refresh_out, *, page_size: int, window: int,
                 block_size_k: int, interval: int, dense_below: int, first_steps: int = 0,
-                dense_to_fa: bool = False) -> None:
+                dense_to_fa: bool = False, coarse_interval: int = 0, coarse_len=None, coarse_out=None) -> None:
     """``decode_plan_reference`` (state updated in place) plus the decode buffers, in one launch. ``reqs`` and
     ``prompt_step`` (or None) int32 on the device; ``scratch`` int32 ``[2, num_slots + 2]``; ``out`` the int32
     buffers ``req``, ``start``, ``length``, ``pos0``, ``window_start``, ``row`` (and ``fa_len`` with
-    ``dense_to_fa``, see ``decode_plan_into_reference``); ``refresh_out`` bool. No host sync."""
+    ``dense_to_fa``, see ``decode_plan_into_reference``); ``refresh_out`` bool. ``coarse_interval`` > 0: the
+    staged refresh's state ``coarse_len`` and bool flags ``coarse_out``. No host sync."""
+    staged = coarse_interval > 0
+    assert not staged or (coarse_len is not None and coarse_out is not None)
     num_slots, num_blocks = slot_key.numel() - 1, slot_of_block.numel() - 1
     rows = out["req"].shape[0]
     n = reqs.shape[0]
@@ -113,8 +127,10 @@ def decode_plan(slot_key, refresh_len, window_start, slot_of_block, first_len, s
         slot_key, refresh_len, window_start, slot_of_block, first_len, scratch[0], scratch[1],
         out["req"], out["start"], out["length"], out["pos0"], out["window_start"], out["row"],
         refresh_out.view(torch.int8), out["fa_len"] if dense_to_fa else out["length"],
+        coarse_len if staged else refresh_len, coarse_out.view(torch.int8) if staged else refresh_out.view(torch.int8),
         num_slots, num_blocks, page_size, window, block_size_k, interval, dense_below, first_steps,
+        max(1, int(coarse_interval)),
         HAS_PROMPT=prompt_step is not None, DENSE_TO_FA=bool(dense_to_fa), BLOCK_R=block_r,
-        BLOCK_S=triton.next_power_of_2(num_slots + 2),
+        BLOCK_S=triton.next_power_of_2(num_slots + 2), COARSE=staged,
         num_warps=min(16, max(4, block_r // 64)),  # max_num_seqs can be 1024: spread the rows over more warps
     )

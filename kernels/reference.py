@@ -403,7 +403,7 @@ def block_at(block_table: torch.Tensor, r: torch.Tensor, pos: torch.Tensor, page
 
 def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens,
                           reqs, prompt_step=None, *, page_size: int, window: int, block_size_k: int, interval: int,
-                          dense_below: int, first_steps: int = 0):
+                          dense_below: int, first_steps: int = 0, coarse_interval: int = 0, coarse_len=None):
     """Decode mask plan of one step (``vllm_hip.mask_state`` explains the scheme): each decode request's
     mask-cache row, whether it re-estimates its mask, and its window start. Updates the slot state in place.
 
@@ -414,7 +414,12 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, fi
     a resume). ``first_steps``: a request also refreshes at every step until its length reaches
     ``first_len + first_steps`` (the answer's first tokens, where one reused mask costs the most, BENCHMARKS.md §4).
     ``reqs``: batch indices of the decode requests; ``prompt_step`` (bool per request) steps still in the prompt.
-    Returns ``(row int32, refresh bool, window_start int32)`` per request.
+    ``coarse_interval`` > 0 (staged refresh, ``hip.mask_coarse_interval``): a refresh is *coarse* (the whole search)
+    where a refresh of interval 1 would be with ``coarse_interval`` as the interval (no slot, first steps, or the
+    length crossed a multiple of it since the last coarse refresh, kept in ``coarse_len[slot]``); the other
+    refreshes rerun the exact stage only and keep the window start of the last coarse one.
+    Returns ``(row int32, refresh bool, window_start int32, coarse bool)`` per request (coarse = refresh when
+    ``coarse_interval`` is 0).
     """
     num_slots, num_blocks = slot_key.numel() - 1, slot_of_block.numel() - 1
     trash_slot = num_slots
@@ -437,6 +442,12 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, fi
     fresh = L - first_len[s_prev] < first_steps
     dense = L <= dense_below
     refresh = ~(own & (L > last) & same_run & ~fresh) & ~dense & live
+    coarse = refresh
+    if coarse_interval:
+        c_last = coarse_len[s_prev]
+        same_c = torch.div(L, coarse_interval, rounding_mode="floor") == torch.div(c_last, coarse_interval,
+                                                                                 rounding_mode="floor")
+        coarse = refresh & ~(own & (L > c_last) & same_c & ~fresh)
 
     # Slots kept this step: those of requests that own one. The others get free slots in batch order.
     trash = torch.full_like(s_prev, trash_slot)
@@ -449,7 +460,7 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, fi
     slot = torch.where(own, s_prev, torch.where(need, new_slot, trash))
 
     new_ws = torch.clamp(torch.div(L - 1 - window, block_size_k, rounding_mode="floor") * block_size_k, min=0)
-    ws = torch.where(refresh, new_ws, window_start[slot])
+    ws = torch.where(coarse, new_ws, window_start[slot])
     ws = torch.where(dense | ~live, torch.zeros_like(ws), ws)
 
     # The slot follows the request to the block of its newest token.
@@ -459,23 +470,26 @@ def decode_plan_reference(slot_key, refresh_len, window_start, slot_of_block, fi
     slot_of_block[torch.where(kept, key_now % num_blocks, torch.full_like(key_now, num_blocks))] = w
     wr = torch.where(refresh & kept, slot, trash)
     refresh_len[wr] = L
-    window_start[wr] = new_ws
+    wc = torch.where(coarse & kept, slot, trash)
+    window_start[wc] = new_ws
+    if coarse_interval:
+        coarse_len[wc] = L
     first_len[torch.where(kept & ~own, slot, trash)] = L
-    return slot.to(torch.int32), refresh & kept, ws.to(torch.int32)
+    return slot.to(torch.int32), refresh & kept, ws.to(torch.int32), coarse & kept
 
 def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens,
                                reqs, prompt_step, query_start_loc, out: dict, refresh_out, *, dense_to_fa: bool = False,
-                               **plan_kw) -> None:
+                               coarse_out=None, **plan_kw) -> None:
     """What the one-launch kernel (``kernels/decode_plan.py``) writes: ``decode_plan_reference``'s plan plus
     the step's decode buffers. ``out`` holds ``req``, ``start``, ``length``, ``pos0``, ``window_start``,
     ``row`` (int32, one entry per row of the captured batch); rows past the requests are padding: length 0 and
     no refresh, so a replayed graph does nothing for them. ``prompt_step``: nonzero per request, or None.
     ``dense_to_fa``: dense rows (at most ``dense_below`` tokens) are left to a FlashAttention call: their
     ``length`` is 0 (the HiP kernels skip them) and ``out["fa_len"]`` holds their length (0 for every other row,
-    FlashAttention's ``seqused_k``)."""
+    FlashAttention's ``seqused_k``). ``coarse_out`` (bool, with ``coarse_interval``): the coarse flags."""
     n = reqs.numel()
     d = reqs.long()
-    row, refresh, ws = decode_plan_reference(
+    row, refresh, ws, coarse = decode_plan_reference(
         slot_key, refresh_len, window_start, slot_of_block, first_len, block_table, seq_lens, d,
         None if prompt_step is None else prompt_step.bool(), **plan_kw)
     L = seq_lens[d]
@@ -486,6 +500,9 @@ def decode_plan_into_reference(slot_key, refresh_len, window_start, slot_of_bloc
     refresh_out[:n].copy_(refresh)
     out["length"][n:].zero_()
     refresh_out[n:].zero_()
+    if coarse_out is not None:
+        coarse_out[:n].copy_(coarse)
+        coarse_out[n:].zero_()
     if dense_to_fa:
         out["fa_len"][:n].copy_(torch.where(to_fa, L, torch.zeros_like(L)))
         out["fa_len"][n:].zero_()

@@ -27,7 +27,7 @@ class Spy:
         launch = self.kernel[grid]
 
         def run(*args, **kw):
-            self.seen.add((self.name, tuple(sorted((k, v) for k, v in kw.items() if k in ("SPLIT", "QR", "HAS_ACTIVE")))))
+            self.seen.add((self.name, tuple(sorted((k, v) for k, v in kw.items() if k in ("SPLIT", "QR", "HAS_ACTIVE", "GROUPS")))))
             return launch(*args, **kw)
         return run
 
@@ -52,6 +52,24 @@ def test_warm_up_launches_every_variant(monkeypatch):
     assert attn == {True: {True, False}, False: {True, False}}, attn  # prefill and decode tiles, split or not
     for kernel in ("_hip_mask_kernel", "_hip_mask_round_kernel"):  # prefill (no refresh flags) and decode
         assert {dict(v)["HAS_ACTIVE"] for n, v in seen if n == kernel} == {True, False}, kernel
+
+
+def test_warm_up_with_the_staged_refresh_launches_its_variant(monkeypatch):
+    """``hip.mask_coarse_interval``: decode masks run the per-round kernels with the group caches (GROUPS), a
+    variant the plain warm-up never launches; without it, no GROUPS variant is compiled."""
+    th = ops._triton()
+    for coarse, want in ((0, {False}), (8, {False, True})):
+        seen = set()
+        for name in ("_hip_mask_init_kernel", "_hip_mask_round_kernel"):
+            monkeypatch.setattr(th, name, Spy(getattr(th, name).kernel if isinstance(getattr(th, name), Spy)
+                                              else getattr(th, name), seen, name))
+        cfg = HipConfig.from_dict({"k": 64, "block_size_k": 4, "block_size_q": 16, "sink_tokens": 8,
+                                   "sliding_window": 32, "mask_refresh_interval": 4, "mask_coarse_interval": coarse})
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        ops.compile_kernels(dev, torch.float32, num_heads=8, num_kv_heads=2, head_size=32, page_size=16,
+                            block_table_width=40, cfg=cfg)
+        for kernel in ("_hip_mask_init_kernel", "_hip_mask_round_kernel"):
+            assert {dict(v).get("GROUPS") for n, v in seen if n == kernel} == want, (coarse, kernel, seen)
 
 
 def test_warm_up_with_offload_launches_the_two_tier_variants(monkeypatch):

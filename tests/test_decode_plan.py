@@ -34,16 +34,20 @@ def _state(slots, blocks):
             torch.zeros(slots + 1, dtype=torch.int64, device=DEV)]
 
 
-@pytest.mark.parametrize("seed,interval,dense_below,rows,to_fa,first",
-                         [(0, 4, 0, 8, False, 0), (1, 8, 40, 8, False, 8), (2, 1, 0, 5, False, 3),
-                          (3, 3, 70, 16, False, 5), (4, 8, 0, 300, False, 8), (5, 4, 60, 8, True, 0),
-                          (6, 8, 100, 16, True, 6)])
-def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows, to_fa, first):
+@pytest.mark.parametrize("seed,interval,dense_below,rows,to_fa,first,coarse",
+                         [(0, 4, 0, 8, False, 0, 0), (1, 8, 40, 8, False, 8, 0), (2, 1, 0, 5, False, 3, 0),
+                          (3, 3, 70, 16, False, 5, 0), (4, 8, 0, 300, False, 8, 0), (5, 4, 60, 8, True, 0, 0),
+                          (6, 8, 100, 16, True, 6, 0), (7, 4, 0, 8, False, 2, 16), (8, 2, 40, 16, True, 0, 6),
+                          (9, 8, 0, 300, False, 8, 32)])
+def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_below, rows, to_fa, first, coarse):
     """``to_fa``: dense rows are handed to FlashAttention (length 0 here, their length in ``fa_len``);
-    ``first``: refresh at every one of a request's first decode steps."""
+    ``first``: refresh at every one of a request's first decode steps; ``coarse``: the staged refresh's
+    interval (coarse flags, window starts kept from the coarse refresh)."""
     g = torch.Generator().manual_seed(seed)
     slots, blocks, width = rows, max(96, 4 * rows), 12
     ref, tri, ref2 = _state(slots, blocks), _state(slots, blocks), _state(slots, blocks)
+    c_ref, c_tri, c_ref2 = (torch.zeros(slots + 1, dtype=torch.int64, device=DEV) for _ in range(3))
+    seen_exact_only = 0
     scratch = torch.zeros(2, slots + 2, dtype=torch.int32, device=DEV)
     free_blocks = list(torch.randperm(blocks, generator=g).tolist())
     live = {}  # request id -> [blocks, length]
@@ -73,16 +77,20 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         prompt = (torch.rand(R, generator=g) < 0.1).to(torch.int32)
         bt, seq, qsl, reqs, prompt = (t.to(DEV) for t in (bt, seq, qsl, reqs, prompt))
         kw = dict(page_size=PAGE, window=32, block_size_k=4, interval=interval, dense_below=dense_below,
-                  first_steps=first)
+                  first_steps=first, coarse_interval=coarse)
 
-        want = decode_plan_reference(*ref, bt, seq, reqs.long(), prompt.bool(), **kw)
+        want = decode_plan_reference(*ref, bt, seq, reqs.long(), prompt.bool(), coarse_len=c_ref, **kw)
         out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV)
                for k in ("req", "start", "length", "pos0", "window_start", "row", "fa_len")}
         refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
-        decode_plan(*tri, scratch, bt, seq, reqs, prompt, qsl, out, refresh, dense_to_fa=to_fa, **kw)
+        c_out = torch.ones(rows, dtype=torch.bool, device=DEV)
+        decode_plan(*tri, scratch, bt, seq, reqs, prompt, qsl, out, refresh, dense_to_fa=to_fa, coarse_len=c_tri,
+                    coarse_out=c_out if coarse else None, **kw)
 
-        got = (out["row"][:R], refresh[:R], out["window_start"][:R])
-        for w, x, name in zip(want, got, ("row", "refresh", "window_start")):
+        got = (out["row"][:R], refresh[:R], out["window_start"][:R], c_out[:R] if coarse else refresh[:R])
+        seen_exact_only += int((want[1] & ~want[3]).sum())
+        assert not (want[3] & ~want[1]).any(), "a coarse refresh is a refresh"
+        for w, x, name in zip(want, got, ("row", "refresh", "window_start", "coarse")):
             assert torch.equal(w.cpu(), x.cpu()), f"step {step}: {name} {w.tolist()} != {x.tolist()}"
         L = seq[reqs.long()].long()
         assert torch.equal(out["req"][:R].cpu(), reqs.cpu())
@@ -99,7 +107,12 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         # the whole output of the torch path the CPU backend takes (kernels.reference.decode_plan_into_reference)
         ref_out = {k: torch.full((rows,), -7, dtype=torch.int32, device=DEV) for k in out}
         ref_refresh = torch.ones(rows, dtype=torch.bool, device=DEV)
-        decode_plan_into_reference(*ref2, bt, seq, reqs, prompt, qsl, ref_out, ref_refresh, dense_to_fa=to_fa, **kw)
+        ref_coarse = torch.ones(rows, dtype=torch.bool, device=DEV)
+        decode_plan_into_reference(*ref2, bt, seq, reqs, prompt, qsl, ref_out, ref_refresh, dense_to_fa=to_fa,
+                                   coarse_len=c_ref2, coarse_out=ref_coarse if coarse else None, **kw)
+        if coarse:
+            assert torch.equal(ref_coarse.cpu(), c_out.cpu()) and not c_out[R:].any()
+            assert torch.equal(c_ref[:slots].cpu(), c_tri[:slots].cpu()), f"step {step}: coarse_len differs"
         for k in out:
             assert torch.equal(ref_out[k][:R].cpu(), out[k][:R].cpu()), f"step {step}: buffer {k}"
         assert torch.equal(ref_out["fa_len"].cpu(), out["fa_len"].cpu())
@@ -107,6 +120,8 @@ def test_triton_plan_equals_reference_over_random_traffic(seed, interval, dense_
         for i, name in ((0, "slot_key"), (1, "refresh_len"), (2, "window_start"), (4, "first_len")):
             assert torch.equal(ref[i][:slots].cpu(), tri[i][:slots].cpu()), f"step {step}: state {name} differs"
         assert torch.equal(ref[3][:blocks].cpu(), tri[3][:blocks].cpu()), f"step {step}: slot_of_block differs"
+    if coarse:
+        assert seen_exact_only > 0, "the traffic never produced an exact-only refresh"
 
 
 def test_without_prompt_flags_and_more_requests_than_free_slots():
@@ -126,3 +141,28 @@ def test_without_prompt_flags_and_more_requests_than_free_slots():
     decode_plan(*tri, scratch, bt, seq, reqs, None, qsl, out, refresh, **kw)
     assert out["row"].tolist() == want[0].tolist() == [0, 1, 2, 3, 3]
     assert refresh.tolist() == want[1].tolist() == [True, True, True, False, False]
+
+
+def test_staged_refresh_schedule_of_one_request():
+    """One request decoding from length 100 with refreshes every 4 steps and coarse ones every 16: the first step
+    and every length crossing a multiple of 16 run the whole search; the refreshes between rerun the exact stage
+    only and keep the window start of the last coarse refresh (a window that grows until the next one)."""
+    slots, page = 2, 16
+    st = _state(slots, 64)
+    c_len = torch.zeros(slots + 1, dtype=torch.int64, device=DEV)
+    bt = torch.arange(12, dtype=torch.int32, device=DEV)[None]
+    kw = dict(page_size=page, window=32, block_size_k=4, interval=4, dense_below=0, first_steps=0,
+              coarse_interval=16)
+    log = []
+    for L in range(100, 150):
+        seq = torch.tensor([L], dtype=torch.int32, device=DEV)
+        row, refresh, ws, coarse = decode_plan_reference(*st, bt, seq, torch.zeros(1, dtype=torch.long, device=DEV),
+                                                         None, coarse_len=c_len, **kw)
+        log.append((L, bool(refresh), bool(coarse), int(ws)))
+    refreshes = [L for L, r, c, w in log if r]
+    coarse = [L for L, r, c, w in log if c]
+    assert refreshes == [100] + list(range(104, 150, 4))
+    assert coarse == [100, 112, 128, 144]
+    for L, r, c, w in log:
+        last_coarse = max(x for x in coarse if x <= L)
+        assert w == (last_coarse - 1 - 32) // 4 * 4, (L, w)

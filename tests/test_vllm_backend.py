@@ -68,6 +68,19 @@ def test_triton_kernels_in_engine_match_cpu_backend(tiny_model, prompts, dense_c
     assert got == [t[:8] for t in dense_chunked[:2]]
 
 
+def test_staged_refresh_in_engine_matches_cpu_backend(tiny_model, prompts):
+    """``hip.mask_coarse_interval`` (staged refresh) wired through the decode plan, the group caches and both
+    mask paths: the Triton kernels in the engine (interpreted) give the CPU backend's torch path's tokens, over
+    prompts whose searches halve before the exact stage and decodes long enough for exact-only refreshes (every
+    4 steps, the whole search every 8)."""
+    hip = dict(HIP_ACTIVE, mask_coarse_interval=8, mask_refresh_first_steps=1)
+    spec = _spec(tiny_model, "HIP", hip, prompts[1:3], max_num_batched_tokens=512)
+    spec["max_tokens"] = 20
+    torch_path = run_vllm(spec)["tokens"]
+    spec["force_triton"] = True
+    assert run_vllm(spec)["tokens"] == torch_path
+
+
 def test_no_kernel_compiles_after_startup(tiny_model, prompts):
     """CPU stand-in for vLLM's jit_monitor: every Triton launch while serving (requests joining mid-decode, so
     prefill, decode and mixed batches of changing sizes; HiP pruning active) has a compile key some start-up launch

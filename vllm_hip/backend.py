@@ -102,6 +102,7 @@ class QueryBlocks:
     # Decode only: per-request mask-cache row and refresh flag.
     mask_row: torch.Tensor | None = None
     refresh: torch.Tensor | None = None
+    coarse: torch.Tensor | None = None  # staged refresh (hip.mask_coarse_interval): refreshes that run the whole search
     # Decode only: the rows at or below hip.dense_below_seq_len as one FlashAttention call for the HiP layers
     # (their ``length`` is 0, so the HiP kernels skip them); None where the HiP kernels serve them densely.
     dense_rows: "DensePrefill | None" = None
@@ -151,6 +152,8 @@ class HipMetadata:
     decode: QueryBlocks | None
     no_indices: torch.Tensor  # [1, Hkv, 1] of -1: dense layers select nothing
     mask_caches: dict[str, torch.Tensor]  # layer name -> decode masks [rows, Hkv, n] (persistent)
+    # staged refresh: layer name -> (lo, hi) of the groups the exact stage rescores, [rows, Hkv, p2(n)] (persistent)
+    mask_groups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
     dense_prefill: DensePrefill | None = None  # set where vLLM's FlashAttention can serve dense prefill
     dense_decode: DensePrefill | None = None  # the same for the dense layers' decode rows
     # KV offload (hip.offload): HiP layers address pages through these physical tables, two tiers each.
@@ -179,6 +182,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             slots, num_blocks, device, page_size=self.page_size, window=self.cfg.sliding_window,
             block_size_k=self.cfg.block_size_k, interval=self.cfg.mask_refresh_interval,
             dense_below=self.cfg.dense_below_seq_len, first_steps=self.cfg.mask_refresh_first_steps,
+            coarse_interval=self.cfg.mask_coarse_interval,
         )
         self.no_indices = torch.full((1, self.num_kv_heads, 1), -1, dtype=torch.int32, device=device)
         # Decode metadata lives in persistent buffers, so a captured decode graph reads this step's values.
@@ -186,12 +190,15 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._dec = {name: torch.zeros(max_seqs, **i32)
                      for name in ("req", "start", "length", "pos0", "window_start", "zeros", "row", "fa_len")}
         self._dec_refresh = torch.zeros(max_seqs, dtype=torch.bool, device=device)
+        self._dec_coarse = (torch.zeros(max_seqs, dtype=torch.bool, device=device)
+                            if self.cfg.mask_coarse_interval else None)  # staged refresh: coarse flags
         self._dec_cu = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)  # one query token per request
         self._max_model_len = vllm_config.model_config.max_model_len
         self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         # Decode masks of every layer of this group. Allocated at the first build, i.e. outside any CUDA-graph
         # capture (an allocation captured with its fill would reset the cache at every replay).
         self._mask_caches: dict[str, torch.Tensor] | None = None
+        self._mask_groups = None
         # Dense prefill goes to vLLM's FlashAttention where it exists and takes the dtype (fp16/bf16 on CUDA):
         # it runs near the roofline, our Triton kernel at a quarter of it.
         self._fa_ok = False
@@ -229,7 +236,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
                 for prompt in (True, False):
                     for to_fa in {False, self._dense_rows_fa}:
                         self.decode_state.plan_into(*self._plan_warmup_args(device, width, prompt), triton=True,
-                                                    dense_to_fa=to_fa)
+                                                    dense_to_fa=to_fa, coarse_out=self._dec_coarse)
                 logger.info("HIP: Triton kernels compiled in %.1f s", time.perf_counter() - t0)
             except Exception as e:  # only a warm-up: the kernels then compile at their first use
                 logger.warning("HIP: kernel warm-up failed (%r); kernels will compile at first use", e)
@@ -316,6 +323,12 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             self._mask_stack = torch.full((len(hip_layers), rows, self.num_kv_heads, self.cfg.n_select),
                                           -1, dtype=torch.int32, device=self.device)
             self._mask_caches = {name: self._mask_stack[i] for i, name in enumerate(hip_layers)}
+            self._mask_groups = None
+            if self.cfg.mask_coarse_interval:  # the staged refresh's groups, per layer and row
+                n_pad = 1 << max(0, self.cfg.n_select - 1).bit_length()
+                g = torch.zeros((2, len(hip_layers), rows, self.num_kv_heads, n_pad), dtype=torch.int32,
+                                device=self.device)
+                self._mask_groups = {name: (g[0, i], g[1, i]) for i, name in enumerate(hip_layers)}
         tiers = self._offload_tables(cm, seq_lens, block_table, decode) if self.cfg.offload.enabled else None
         return HipMetadata(
             num_actual_tokens=cm.num_actual_tokens,
@@ -327,6 +340,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             decode=decode,
             no_indices=self.no_indices,
             mask_caches=self._mask_caches,
+            mask_groups=self._mask_groups,
             dense_prefill=dense_prefill,
             dense_decode=dense_decode,
             **(tiers or {}),
@@ -429,12 +443,13 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         to_fa = self._dense_rows_fa and rows_fa and self._hand_over_pays(n)
         # on CUDA one launch instead of ~100 small ops; rows past n (padding of a captured batch) stay inert
         self.decode_state.plan_into(block_table, seq_lens, d32, prompt32, cm.query_start_loc, b, self._dec_refresh,
-                                    triton=ops.on_triton(seq_lens), dense_to_fa=to_fa)
+                                    triton=ops.on_triton(seq_lens), dense_to_fa=to_fa, coarse_out=self._dec_coarse)
         dense_rows = self._decode_rows_fa(cm, n, b["fa_len"][:n]) if to_fa else None
         return QueryBlocks(
             req=b["req"][:n], start=b["start"][:n], length=b["length"][:n], pos0=b["pos0"][:n],
             window_start=b["window_start"][:n], dense_window_start=b["zeros"][:n],
             mask_row=b["row"][:n], refresh=self._dec_refresh[:n], dense_rows=dense_rows,
+            coarse=None if self._dec_coarse is None else self._dec_coarse[:n],
         )
 
     def _hand_over_pays(self, n: int) -> bool:
@@ -571,8 +586,10 @@ class HipAttentionImpl(AttentionImpl):
                         stats.record(self.layer_index or 0, phase, (fa_len > 0).to(torch.int32), fa_len - 1,
                                      qb.dense_window_start, None, cfg.sink_tokens, cfg.block_size_k)
                 cache = md.mask_caches[layer.layer_name]
+                # staged refresh: most refreshes rerun only the exact stage, over groups kept per row
+                staged = {} if qb.coarse is None else dict(groups=md.mask_groups[layer.layer_name], coarse=qb.coarse)
                 ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start,
-                         out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw)
+                         out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw, **staged)
                 ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
                 selected = cache[qb.mask_row.long()] if cfg.record_stats else None  # a gather per layer: only for stats
             if cfg.record_stats:

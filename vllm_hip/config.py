@@ -100,6 +100,12 @@ class HipConfig:
     preemption), then every ``mask_refresh_interval``. The answer's first tokens are where one mask reused over
     several steps costs the most: on SmolLM2 at 8K a 5-digit passkey lost its last digit to a mask kept from the
     first digit (BENCHMARKS.md §4). 0 or 1: only the first step."""
+    mask_coarse_interval: int = 0
+    """Staged refresh (InfiniteHiP's per-stage intervals): a decode refresh reruns the whole search only when the
+    request's length reaches a multiple of this (and at its first steps); the refreshes in between rerun only the
+    exact last stage (``mask_exact_blocks``) over the groups the last whole search kept, and keep its window start.
+    0 = every refresh runs the whole search. A multiple of ``mask_refresh_interval``; needs ``mask_exact_blocks``
+    > 1. Experimental: CPU-tested; its speed and quality are not measured yet (BENCHMARKS.md §2, 2026-12-03)."""
     mask_cache_slots: int = 0
     """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False
@@ -176,7 +182,7 @@ class HipConfig:
             if getattr(self, name) <= 0:
                 raise HipConfigError(f"hip.{name} must be > 0, got {getattr(self, name)}")
         for name in ("sink_tokens", "sliding_window", "norm_window", "dense_below_seq_len", "prefill_dense_below_seq_len",
-                     "mask_cache_slots", "mask_refresh_first_steps"):
+                     "mask_cache_slots", "mask_refresh_first_steps", "mask_coarse_interval"):
             if getattr(self, name) < 0:
                 raise HipConfigError(f"hip.{name} must be >= 0, got {getattr(self, name)}")
         if 0 < self.prefill_dense_below_seq_len < self.dense_below_seq_len:
@@ -193,6 +199,12 @@ class HipConfig:
         e = self.mask_exact_blocks
         if e & (e - 1) or e > 16:  # the exact round ranks n * e scores in one program
             raise HipConfigError(f"hip.mask_exact_blocks must be a power of two up to 16, got {e}")
+        c, r = self.mask_coarse_interval, self.mask_refresh_interval
+        if c and (c % r or e == 1):
+            raise HipConfigError(
+                f"hip.mask_coarse_interval ({c}) must be 0 or a multiple of hip.mask_refresh_interval ({r}), with "
+                f"hip.mask_exact_blocks > 1 (now {e}): the refreshes in between rerun the exact stage; try "
+                f"mask_coarse_interval={-(-c // r) * r}" + (" and mask_exact_blocks=8" if e == 1 else ""))
         if self.k % bk:
             raise HipConfigError(
                 f"hip.k ({self.k}) must be a multiple of hip.block_size_k ({bk}); try k={self.k // bk * bk or bk}"

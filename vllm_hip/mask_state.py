@@ -19,6 +19,10 @@ found through its previous block (also private: it was the request's own last bl
   decoding together refresh at different steps); new slots are taken from the slots no request of this step
   keeps (a prefix-sum allocation).
 
+With ``hip.mask_coarse_interval`` (staged refresh) a refresh is *coarse*, the whole search, only at the first
+steps, for a new slot, or when the length crosses a multiple of that interval (``coarse_len[slot]``); the other
+refreshes rerun the exact stage over the groups the coarse one kept, and the window start stays the coarse one's.
+
 Refreshes therefore happen at positions that depend only on the request itself, never on which other
 requests share the batch. Prefill steps (and any step of a request still in its prompt) drop the slot of
 the block they end in, so a recycled block never hands over another request's mask. Requests at or below
@@ -36,7 +40,7 @@ class DecodeMaskState:
     """Device-side slot table shared by all HiP layers of one KV-cache group."""
 
     def __init__(self, num_slots: int, num_blocks: int, device, *, page_size: int, window: int,
-                 block_size_k: int, interval: int, dense_below: int, first_steps: int = 0):
+                 block_size_k: int, interval: int, dense_below: int, first_steps: int = 0, coarse_interval: int = 0):
         self.num_slots = num_slots
         self.page_size = page_size
         self.window = window
@@ -44,12 +48,14 @@ class DecodeMaskState:
         self.interval = interval
         self.dense_below = dense_below
         self.first_steps = first_steps
+        self.coarse_interval = coarse_interval
         n = num_slots + 1  # the last entry absorbs writes we do not want to keep (branch-free scatter)
         self.trash = num_slots
         self.slot_key = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.refresh_len = torch.zeros(n, dtype=torch.int64, device=device)
         self.window_start = torch.zeros(n, dtype=torch.int64, device=device)
         self.first_len = torch.zeros(n, dtype=torch.int64, device=device)
+        self.coarse_len = torch.zeros(n, dtype=torch.int64, device=device)  # length at the last coarse refresh
         # Indexed by block id modulo its size (identity when num_blocks covers every id); the last entry
         # absorbs writes we do not keep. A wrong entry is harmless: a lookup must also match slot_key.
         self.num_blocks = num_blocks
@@ -73,7 +79,7 @@ class DecodeMaskState:
         self.slot_key[torch.where(mine, s, torch.full_like(s, self.trash))] = -1
 
     def plan_into(self, block_table, seq_lens, reqs, prompt_step, query_start_loc, out: dict, refresh_out, *,
-                  triton: bool, dense_to_fa: bool = False) -> None:
+                  triton: bool, dense_to_fa: bool = False, coarse_out=None) -> None:
         """Decide mask rows and refreshes for decode requests ``reqs`` (indices into the batch), update the
         state, and fill the decode buffers of the step: ``out`` holds the int32 buffers ``req``, ``start``,
         ``length``, ``pos0``, ``window_start`` (0 = dense), ``row`` (row of the per-layer mask cache; rows past
@@ -82,18 +88,19 @@ class DecodeMaskState:
         full prefix-cache hit); they never reuse a mask. ``dense_to_fa``: dense rows get length 0 and their
         length in ``out["fa_len"]`` (a FlashAttention call serves them). ``triton``: in
         one launch of the Triton kernel (CUDA) instead of ~100 small torch ops; the same result
-        (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py)."""
+        (``kernels.reference.decode_plan_into_reference``, tests/test_decode_plan.py). ``coarse_out`` (bool, with
+        a coarse interval): which refreshes run the whole search."""
         kw = dict(page_size=self.page_size, window=self.window, block_size_k=self.block_size_k,
                   interval=self.interval, dense_below=self.dense_below, first_steps=self.first_steps,
-                  dense_to_fa=dense_to_fa)
+                  dense_to_fa=dense_to_fa, coarse_interval=self.coarse_interval, coarse_len=self.coarse_len)
         state = (self.slot_key, self.refresh_len, self.window_start, self.slot_of_block, self.first_len)
         if not triton:
             decode_plan_into_reference(*state, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
-                                       refresh_out, **kw)
+                                       refresh_out, coarse_out=coarse_out, **kw)
             return
         from vllm_hip.kernels.decode_plan import decode_plan
 
         if self._scratch is None:
             self._scratch = torch.zeros(2, self.num_slots + 2, dtype=torch.int32, device=self.slot_key.device)
         decode_plan(*state, self._scratch, block_table, seq_lens, reqs, prompt_step, query_start_loc, out,
-                    refresh_out, **kw)
+                    refresh_out, coarse_out=coarse_out, **kw)

@@ -197,6 +197,11 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
         for single in (True, False):  # large decode batches take the one-launch path
             th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
                         single_launch=single, **mask_tier)
+        if cfg.mask_coarse_interval:  # the staged refresh's variant (per-round path, group caches)
+            n_pad = 1 << max(0, cfg.n_select - 1).bit_length()
+            groups = tuple(torch.zeros((2, num_kv_heads, n_pad), dtype=torch.int32, device=device) for _ in range(2))
+            th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
+                        groups=groups, coarse=one.bool(), **mask_tier)
         for splits in (None, 1):
             th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
                              out=torch.empty_like(q1), num_splits=splits, **common)
