@@ -105,7 +105,8 @@ class HipConfig:
     request's length reaches a multiple of this (and at its first steps); the refreshes in between rerun only the
     exact last stage (``mask_exact_blocks``) over the groups the last whole search kept, and keep its window start.
     0 = every refresh runs the whole search. A multiple of ``mask_refresh_interval``; needs ``mask_exact_blocks``
-    > 1. Experimental: CPU-tested; its speed and quality are not measured yet (BENCHMARKS.md §2, 2026-12-03)."""
+    > 1. Experimental: CPU-tested; on Qwen2.5-Coder at 32K, 32 keeps interval 8's decode recall where interval 16
+    loses 0.011 (simulated, BENCHMARKS.md §4); its speed on a GPU is not measured yet."""
     mask_cache_slots: int = 0
     """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False
