@@ -75,10 +75,18 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         jobs[f"plain_{mode}"] = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, **eng)
         jobs[f"offload_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=OFFLOAD), prompts,
                                         max_tokens=40, **eng)
+    # Staged refresh (hip.mask_coarse_interval): exact-only refreshes between whole searches, from full decode
+    # graphs and eagerly; and its kernel variants compiled at start-up (jit_monitor in error mode, below).
+    staged = dict(HIP_ACTIVE, mask_coarse_interval=4 * HIP_ACTIVE["mask_refresh_interval"])
+    jobs["staged_eager"] = _spec(tiny_model, "HIP", staged, prompts, max_tokens=40, enable_prefix_caching=False,
+                                 enforce_eager=True)
+    jobs["staged_graphs"] = _spec(tiny_model, "HIP", staged, prompts, max_tokens=40, enable_prefix_caching=False,
+                                  **graphs)
     # No Triton compile inside a serving step (vLLM's jit_monitor in error mode): requests join while others
     # decode, so prefill, decode and mixed batches of changing sizes all run; FLASH_ATTN is the control.
     jit = dict(dtype="bfloat16", max_num_batched_tokens=256, jit_monitor_mode="error")
-    for name, backend, hip in (("jit_control", "FLASH_ATTN", None), ("jit_hip", "HIP", HIP_ACTIVE)):
+    for name, backend, hip in (("jit_control", "FLASH_ATTN", None), ("jit_hip", "HIP", HIP_ACTIVE),
+                               ("jit_staged", "HIP", staged)):
         jobs[name] = dict(_spec(tiny_model, backend, hip, prompts, **jit), mode="staggered", join_after=[0, 3, 7, 12])
     if smollm2:
         eng = dict(max_model_len=8192, dtype="bfloat16", kv_cache_memory_bytes=2 << 30)
@@ -186,6 +194,15 @@ def test_no_kernel_compiles_during_serving(results):
     if isinstance(results.get("jit_control"), BaseException):
         pytest.skip(f"vLLM's own kernels compile during serving here: {str(results.get('jit_control'))[-300:]}")
     assert len(_tokens(results, "jit_hip")) == 4
+
+
+def test_staged_refresh_graphs_equal_eager_and_compile_at_startup(results):
+    """hip.mask_coarse_interval: the decode plan's coarse flags and the per-layer group caches are persistent
+    buffers, so a replayed full decode graph gives the eager tokens; its kernel variants (GROUPS, the plan's
+    COARSE) compile at start-up, not in a serving step. (CPU: tests/test_vllm_backend.py, kernels interpreted.)"""
+    assert _tokens(results, "staged_graphs") == _tokens(results, "staged_eager")
+    if not isinstance(results.get("jit_control"), BaseException):
+        assert len(_tokens(results, "jit_staged")) == 4
 
 
 @pytest.mark.parametrize("mode", ["eager", "cuda-graphs"])
