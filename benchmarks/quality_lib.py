@@ -24,6 +24,7 @@ from kernels.reference import (  # noqa: E402
     hip_attention_reference,
     hip_mask_reference,
     make_query_blocks,
+    mask_group_width,
     window_starts,
 )
 from vllm_hip.config import HipConfig  # noqa: E402
@@ -251,8 +252,8 @@ def decode_metrics(q, k, v, scale: float, cfg=None, *, steps: int = 64, topk: in
         first_u = uniq - (T - steps) < F
         c_of_u = torch.where(first_u, uniq, torch.clamp((uniq + 1) // C * C - 1, min=T - steps + F - 1))
         c_uniq, c_inv = torch.unique(c_of_u, return_inverse=True)
-        n_pad = 1 << max(0, cfg.n_select - 1).bit_length()
-        groups = tuple(torch.zeros(len(c_uniq), Hkv, n_pad, dtype=torch.int32) for _ in range(2))
+        groups = tuple(torch.zeros(len(c_uniq), Hkv, mask_group_width(cfg.n_select), dtype=torch.int32)
+                       for _ in range(2))
         nc = len(c_uniq)
         hip_mask_reference(q, kc, bt, zero[:nc], c_uniq.to(torch.int32), one[:nc],
                            window_starts(c_uniq, cfg.sliding_window, bk), groups=groups,

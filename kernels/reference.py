@@ -128,6 +128,12 @@ def strided_query_rows(qb_start, qb_len, block_size_q: int, query_stride: int):
     return rows, valid
 
 
+def mask_group_width(n_select: int) -> int:
+    """Entries per (row, KV head) of the staged refresh's group caches (``hip_mask_reference``'s ``groups``): the
+    selection size rounded up to a power of two, the stride the Triton kernels address them with."""
+    return 1 << max(0, int(n_select) - 1).bit_length()
+
+
 def hip_mask_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,

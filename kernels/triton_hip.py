@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import search_schedule
+from .reference import mask_group_width, search_schedule
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Launch values that change with the batch (request count, query blocks, refinement round, split count) are
@@ -800,8 +800,9 @@ def hip_mask(
     if staged:
         assert not single_launch and coarse is not None and out_row is not None and int(exact_blocks) > 1, \
             "staged refresh: per-round path, coarse flags, out_row and exact_blocks > 1"
-        assert all(g.dtype == torch.int32 and g.is_contiguous() and g.shape[1:] == (Hkv, n_pad) for g in groups), \
-            f"group caches must be contiguous int32 [rows, {Hkv}, {n_pad}]"
+        width = mask_group_width(n)  # == n_pad: the kernels address a row's groups with the N_PAD stride
+        assert all(g.dtype == torch.int32 and g.is_contiguous() and g.shape[1:] == (Hkv, width) for g in groups), \
+            f"group caches must be contiguous int32 [rows, {Hkv}, {width}]"
     has_active = active is not None
     act = active if has_active else qb_len
     ieee = q.dtype == torch.float32

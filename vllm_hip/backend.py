@@ -23,7 +23,7 @@ from vllm_hip.compat import (
     MultipleOf,
 )
 from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
-from vllm_hip.kernels.reference import make_query_blocks, window_starts
+from vllm_hip.kernels.reference import make_query_blocks, mask_group_width, window_starts
 from vllm_hip.kv_offload import LAST_STATS, HostTiers, is_dense_layer, layer_index
 from vllm_hip.mask_state import DecodeMaskState
 
@@ -323,10 +323,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             self._mask_stack = torch.full((len(hip_layers), rows, self.num_kv_heads, self.cfg.n_select),
                                           -1, dtype=torch.int32, device=self.device)
             self._mask_caches = {name: self._mask_stack[i] for i, name in enumerate(hip_layers)}
-            self._mask_groups = None
             if self.cfg.mask_coarse_interval:  # the staged refresh's groups, per layer and row
-                n_pad = 1 << max(0, self.cfg.n_select - 1).bit_length()
-                g = torch.zeros((2, len(hip_layers), rows, self.num_kv_heads, n_pad), dtype=torch.int32,
+                width = mask_group_width(self.cfg.n_select)
+                g = torch.zeros((2, len(hip_layers), rows, self.num_kv_heads, width), dtype=torch.int32,
                                 device=self.device)
                 self._mask_groups = {name: (g[0, i], g[1, i]) for i, name in enumerate(hip_layers)}
         tiers = self._offload_tables(cm, seq_lens, block_table, decode) if self.cfg.offload.enabled else None

@@ -198,8 +198,8 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
             th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
                         single_launch=single, **mask_tier)
         if cfg.mask_coarse_interval:  # the staged refresh's variant (per-round path, group caches)
-            n_pad = 1 << max(0, cfg.n_select - 1).bit_length()
-            groups = tuple(torch.zeros((2, num_kv_heads, n_pad), dtype=torch.int32, device=device) for _ in range(2))
+            width = ref.mask_group_width(cfg.n_select)
+            groups = tuple(torch.zeros((2, num_kv_heads, width), dtype=torch.int32, device=device) for _ in range(2))
             th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
                         groups=groups, coarse=one.bool(), **mask_tier)
         for splits in (None, 1):
