@@ -20,8 +20,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.reference import make_query_blocks, search_schedule, window_starts  # noqa: E402
-from kernels.triton_hip import hip_attention, hip_mask  # noqa: E402
+from kernels.reference import make_query_blocks, mask_group_width, search_schedule, window_starts  # noqa: E402
+from kernels.triton_hip import hip_attention, hip_mask, kv_write  # noqa: E402
 from vllm_hip.config import HipConfig  # noqa: E402  (the defaults the backend runs with; imports no vLLM)
 
 try:
@@ -108,6 +108,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also sweep split-K (decode) and block_n (prefill)")
     ap.add_argument("--idle-sweep", action="store_true",
                     help="decode: the mask refreshing and idle (no refresh) by programs per (request, head)")
+    ap.add_argument("--pdl-sweep", action="store_true",
+                    help="decode: one HiP layer's launches (KV write, mask, attention) with programmatic dependent "
+                         "launch off and on, refreshing, exact-only (staged) and idle; exact-only by programs")
     ap.add_argument("--table-tokens", type=int, default=131072 + 272,
                     help="--idle-sweep: block-table width in tokens (vLLM's max_model_len; sets the static rounds)")
     ap.add_argument("--decode-batches", default="1,16", help="decode batch sizes (6: the engine's 128K point)")
@@ -213,6 +216,39 @@ def main():
                 res.append(f"{p or 'auto'}: {t[0]:.1f} / {t[1]:.1f}")
             log(f"  idle sweep T={T} B={B} table {args.table_tokens} tokens: mask us refreshing / idle (no refresh) "
                 f"by programs per (request, head): " + ", ".join(res))
+        if args.pdl_sweep and not tag:
+            # One HiP layer of a decode step as vLLM's graph replays it (block table as wide as max_model_len):
+            # KV write, the mask's launches (refreshing every row, exact-only over stored groups, or idle),
+            # attention. PDL off and on.
+            wide = torch.zeros(B, max(nblk, args.table_tokens // PAGE), dtype=torch.int32, device=dev)
+            wide[:, :nblk] = bt
+            act = {a: torch.full((B,), a, dtype=torch.int8, device=dev) for a in (0, 1)}
+            rows_ = torch.arange(B, dtype=torch.int32, device=dev)
+            width = mask_group_width(n_)
+            groups = tuple(torch.zeros((B, HKV, width), dtype=torch.int32, device=dev) for _ in range(2))
+            coarse = {c: torch.full((B,), c, dtype=torch.bool, device=dev) for c in (0, 1)}
+            knew = torch.randn(B, HKV, D, device=dev, dtype=DT)
+            slots = (wide[:, nblk - 1].long() * PAGE + PAGE - 1).contiguous()
+            hip_mask(q, kc, wide, qb[0], qb[1], qb[2], ws, out=idx, out_row=rows_, active=act[1], groups=groups,
+                     coarse=coarse[1], **mk)  # fills the group caches the exact-only refreshes read
+
+            def layer(a, c, pdl, programs=None):
+                def run():
+                    kv_write(knew, knew, kc, vc, slots, pdl=pdl)
+                    hip_mask(q, kc, wide, qb[0], qb[1], qb[2], ws, out=idx, out_row=rows_, active=act[a],
+                             groups=groups, coarse=coarse[c], programs=programs, pdl=pdl, **mk)
+                    hip_attention(q, kc, vc, wide, seq, *qb, ws, idx, out=out, pdl=pdl, **ak)
+                return bench_graph(run)
+
+            res = []
+            for pdl in (False, True):
+                res.append(f"PDL {'on' if pdl else 'off'}: whole search {layer(1, 1, pdl):.1f}, exact-only "
+                           f"{layer(1, 0, pdl):.1f}, idle {layer(0, 0, pdl):.1f}")
+            log(f"  pdl sweep T={T} B={B} table {args.table_tokens} tokens: one layer's launches (kv write, mask, "
+                f"attention), us: " + "; ".join(res))
+            res = [f"{p or 'auto'}: {layer(1, 0, True, p):.1f}" for p in (None, 8, 16, 32, 64)]
+            log(f"  pdl sweep T={T} B={B}: exact-only layer us by mask programs per (request, head), PDL on: "
+                + ", ".join(res))
         log(f"decode{tag} T={T:>8} B={B:>2} bk={bk_:>2}: refresh {t_ref:8.1f} us (mask {t_mask:7.1f}, {rounds} rounds,"
             f" {b_mask / t_mask / 1e3:5.0f} GB/s; raw score {t_mask_raw:7.1f}) | reuse {t_reuse:7.1f} us ({b_att / t_reuse / 1e3:5.0f} GB/s) | "
             f"dense FA3 {t_fa:8.1f} us ({B * kv_bytes(T) / t_fa / 1e3:5.0f} GB/s), "

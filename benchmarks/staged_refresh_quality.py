@@ -7,7 +7,7 @@ At 8K SmolLM2's search has no halving round for the staged refresh to skip, so t
 (first steps 1, so every interval is in its steady state). Prints one JSON line per configuration: decode output
 error against dense, attention mass kept, top-k recall, means over the HiP layers.
 
-    python benchmarks/staged_refresh_quality.py [--tokens 32000] [--steps 64]
+    python benchmarks/staged_refresh_quality.py [--tokens 32000] [--steps 64] [--configs "interval 8;interval 8, coarse 64"]
 
 CPU time: ~15 min for the capture at 32K on 2 cores, ~20-60 s per configuration.
 """
@@ -27,7 +27,8 @@ import quality_lib as ql  # noqa: E402
 
 CONFIGS = [("interval 8", {}), ("interval 16", {"mask_refresh_interval": 16}),
            ("interval 8, coarse 32", {"mask_coarse_interval": 32}),
-           ("interval 8, coarse 16", {"mask_coarse_interval": 16}), ("interval 1", {"mask_refresh_interval": 1})]
+           ("interval 8, coarse 16", {"mask_coarse_interval": 16}), ("interval 1", {"mask_refresh_interval": 1}),
+           ("interval 8, coarse 64", {"mask_coarse_interval": 64})]
 
 
 def main() -> None:
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32000)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--offset", type=int, default=60000, help="token offset into the plays")
+    ap.add_argument("--configs", default="", help="config names to run, separated by ';' (default: all)")
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +48,10 @@ def main() -> None:
     caps = ql.capture_qkv(model, ids)
     del model
     print(f"captured {len(caps)} layers of {a.tokens} tokens in {time.time() - t0:.0f} s", flush=True)
+    wanted = [c.strip() for c in a.configs.split(";") if c.strip()]
     for name, extra in CONFIGS:
+        if wanted and name not in wanted:
+            continue
         cfg = ql._cfg(dict({"mask_refresh_first_steps": 1}, **extra))
         t1 = time.time()
         ms = [ql.decode_metrics(c["q"], c["k"], c["v"], c["scale"], cfg, steps=a.steps) for i, c in enumerate(caps)

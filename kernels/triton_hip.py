@@ -22,10 +22,16 @@ tensor), read and written in place. Each op then launches a ``*_tiered`` kernel:
 with the constexpr ``TIERED`` set, which picks the tier per cache row. Without a host tier the original kernels
 run, with their original arguments: same compiled code, same launch cost.
 
-Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors as well (the tests do that).
+On sm_90 and newer every kernel is launched with programmatic dependent launch (``_pdl``): the next grid of the
+stream starts launching while the current one runs, and each kernel's first instruction waits for its predecessor
+to finish (``_gdc_enter``), so results are those of plain stream order. That hides part of the launch latency of
+a HiP layer's chain of small (in decode steps without refreshes: empty) launches.
+
+Everything runs under ``TRITON_INTERPRET=1`` on CPU tensors as well (the tests do that; PDL is off there).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -58,6 +64,32 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_type: str, index: int | None) -> bool:
+    return device_type == "cuda" and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _pdl(device: torch.device, pdl: bool | None = None) -> dict:
+    """Launch options for programmatic dependent launch (``pdl``: None = where the GPU has it, sm_90 and newer).
+
+    A HiP layer is a chain of small launches (KV write, the mask's init and round launches, attention, merge), most
+    of them short or, in a decode step without refreshes, empty. With PDL the GPU starts launching the next grid of
+    the chain while the current one runs; every kernel then waits at its first instruction until the previous grid
+    has finished and its writes are visible (``_gdc_enter``), so the result is that of plain stream order."""
+    on = (not _INTERPRET and _pdl_capable(device.type, device.index)) if pdl is None else bool(pdl) and not _INTERPRET
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+
+
+@triton.jit
+def _gdc_enter(PDL: tl.constexpr):
+    """First statement of every kernel: with PDL, wait until the previous grid of the stream has completed and
+    flushed (before any load, so no kernel reads a predecessor's output early, and grids complete in stream order),
+    then let the next grid of the stream begin launching."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -143,8 +175,9 @@ def _kv_write_kernel(
     sk0, sk1, sk2, sv0, sv1, sv2,
     skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
     page_size,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _kv_write_body(key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sk2, sv0, sv1, sv2,
                    skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3, page_size,
                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
@@ -158,19 +191,21 @@ def _kv_write_kernel_tiered(
     skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3,
     page_size,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
-    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _kv_write_body(key_ptr, value_ptr, kc_ptr, vc_ptr, slot_ptr, sk0, sk1, sk2, sv0, sv1, sv2,
                    skc0, skc1, skc2, skc3, svc0, svc1, svc2, svc3, page_size,
                    hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
                    D=D, DV=DV, BD=BD, BDV=BDV, TIERED=True)
 
 
-def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, host_v_cache=None):
+def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, host_v_cache=None,
+             pdl: bool | None = None):
     """Write ``key``/``value`` ``[T, H, D]`` into ``k_cache``/``v_cache`` at ``slot_mapping`` (< 0: skipped).
 
     With ``host_k_cache``/``host_v_cache`` (both or neither), slots of pages ``>= k_cache.shape[0]`` are written
-    to the host tier (module docstring)."""
+    to the host tier (module docstring). ``pdl``: programmatic dependent launch (``_pdl``; default: sm_90+)."""
     assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, H, D = key.shape
     DV = value.shape[-1]
@@ -186,7 +221,7 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, *, host_k_cache=None, h
         *k_cache.stride(), *v_cache.stride(),
         k_cache.shape[1],
     )
-    meta = dict(D=D, DV=DV, BD=_p2(D), BDV=_p2(DV), num_warps=1 if D <= 128 else 2)
+    meta = dict(D=D, DV=DV, BD=_p2(D), BDV=_p2(DV), num_warps=1 if D <= 128 else 2, **_pdl(key.device, pdl))
     if _is_tiered(host_k_cache):
         _kv_write_kernel_tiered[(T, H)](*args, *_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache),
                                         k_cache.shape[0], **meta)
@@ -457,8 +492,9 @@ def _hip_mask_kernel(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
@@ -480,8 +516,9 @@ def _hip_mask_kernel_tiered(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr,
+    EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_ptr, hi_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2, sink_tokens, page_size,
@@ -561,8 +598,9 @@ def _hip_mask_init_kernel(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
-    GROUPS: tl.constexpr,
+    GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_init_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0,
@@ -580,8 +618,9 @@ def _hip_mask_init_kernel_tiered(
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr,
-    GROUPS: tl.constexpr,
+    GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_init_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         lo_ptr, hi_ptr, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0,
@@ -699,8 +738,9 @@ def _hip_mask_round_kernel(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
@@ -725,8 +765,9 @@ def _hip_mask_round_kernel_tiered(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_mask_round_body(
         q_ptr, k_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr, out_ptr, out_row_ptr, active_ptr,
         score_ptr, lo_in, hi_in, lo_out, hi_out, cnt_ptr, norm_ptr, glo_ptr, ghi_ptr, coarse_ptr,
@@ -744,7 +785,7 @@ def hip_mask(
     exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
     krows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    groups=None, coarse=None,
+    groups=None, coarse=None, pdl: bool | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -759,7 +800,7 @@ def hip_mask(
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
     for benchmarks; so are ``krows`` (key rows scored per chunk), ``num_warps`` and ``num_stages`` (one-launch path
-    only; default 2).
+    only; default 2), and ``pdl`` (programmatic dependent launch, ``_pdl``; default: on sm_90 and newer).
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -805,6 +846,7 @@ def hip_mask(
             f"group caches must be contiguous int32 [rows, {Hkv}, {width}]"
     has_active = active is not None
     act = active if has_active else qb_len
+    pdl_opts = _pdl(dev, pdl)
     ieee = q.dtype == torch.float32
     tier = (*_tier_args(k_cache, host_k_cache), k_cache.shape[0]) if _is_tiered(host_k_cache) else ()
     exact = max(1, int(exact_blocks))
@@ -824,7 +866,7 @@ def hip_mask(
             int(sink_tokens), k_cache.shape[1], int(norm_window), *tier,
             G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
             KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad, SC_W=sc_w,
-            NORM=norm, num_warps=nw, num_stages=int(num_stages or 2),
+            NORM=norm, num_warps=nw, num_stages=int(num_stages or 2), **pdl_opts,
         )
         return out
     # static bound on the rounds: the longest context the block table can address (no host sync)
@@ -847,7 +889,7 @@ def hip_mask(
         k_cache.shape[1], int(norm_window), *tier,
         G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride), KROWS=krows,
         HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, NORM=norm, GROUPS=staged,
-        num_warps=nw if norm else 1,
+        num_warps=nw if norm else 1, **pdl_opts,
     )
     ch = krows // bk
     total_chunks = _cdiv(2 * n, ch)
@@ -868,7 +910,7 @@ def hip_mask(
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
-                SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, num_warps=nw)
+                SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, num_warps=nw, **pdl_opts)
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
         kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *norm_arg, *mid, r, cpp, *tier, **meta)
@@ -1023,8 +1065,9 @@ def _hip_attn_kernel(
     QB, T, Hq, sink_tokens, page_size, qk_scale,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_attn_body(
         q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
         o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
@@ -1044,8 +1087,9 @@ def _hip_attn_kernel_tiered(
     hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr, PDL: tl.constexpr,
 ):
+    _gdc_enter(PDL)
     _hip_attn_body(
         q_ptr, k_ptr, v_ptr, bt_ptr, qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
         o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
@@ -1057,7 +1101,8 @@ def _hip_attn_kernel_tiered(
 
 @triton.jit(do_not_specialize=["T", "S"])
 def _merge_kernel(po_ptr, plse_ptr, o_ptr, qb_start_ptr, qb_len_ptr, T, Hq, so0, so1, so2, S,
-                  S_PAD: tl.constexpr, DV: tl.constexpr):
+                  S_PAD: tl.constexpr, DV: tl.constexpr, PDL: tl.constexpr):
+    _gdc_enter(PDL)
     # One program per (query block, q head, row of the block): only rows this launch computed are merged,
     # so a launch never touches output rows of other query blocks (e.g. prefill rows of a mixed batch).
     qb = tl.program_id(0)
@@ -1083,7 +1128,7 @@ def hip_attention(
     sink_tokens: int, block_size_k: int, scale: float, out=None, indices_row=None,
     num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
     host_k_cache=None, host_v_cache=None, num_warps: int | None = None, num_stages: int | None = None,
-    rows: int | None = None, causal_tail: bool | None = None,
+    rows: int | None = None, causal_tail: bool | None = None, pdl: bool | None = None,
 ):
     """Block-sparse attention, same result as ``hip_attention_reference``.
 
@@ -1093,7 +1138,8 @@ def hip_attention(
     row, i.e. ``T == QB``, else 64). ``host_k_cache`` / ``host_v_cache``: host tier of a two-tier cache (both
     or neither; module docstring). ``num_warps`` / ``num_stages`` / ``rows`` (query rows per tile, times the G
     heads = the tile height): launch knobs for benchmarks (default: the measured choice below). ``causal_tail``: the
-    causal test only on tiles past the first query (default: prefill tiles only; exact either way). No host sync.
+    causal test only on tiles past the first query (default: prefill tiles only; exact either way). ``pdl``:
+    programmatic dependent launch (``_pdl``; default: on sm_90 and newer). No host sync.
     """
     assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
@@ -1148,6 +1194,7 @@ def hip_attention(
         causal_tail = max_len > 1
     tiered = _is_tiered(host_k_cache)
     tier = (*_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache), k_cache.shape[0]) if tiered else ()
+    pdl_opts = _pdl(dev, pdl)
     (_hip_attn_kernel_tiered if tiered else _hip_attn_kernel)[(QB, Hkv, S)](
         q, k_cache, v_cache, block_table,
         qb_req, qb_start, qb_len, qb_pos0, window_start, indices, indices_row,
@@ -1157,11 +1204,11 @@ def hip_attention(
         QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634, *tier,
         G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
         SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, CAUSAL_TAIL=bool(causal_tail),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_opts,
     )
     if S > 1:
         _merge_kernel[(QB, Hq, max_len)](po, plse, out, qb_start, qb_len, T, Hq, out.stride(0), out.stride(1), out.stride(2),
-                                         S, S_PAD=max(MAX_SPLITS, _p2(S)), DV=DV, num_warps=2)
+                                         S, S_PAD=max(MAX_SPLITS, _p2(S)), DV=DV, num_warps=2, **pdl_opts)
     return out
 
 

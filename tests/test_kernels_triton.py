@@ -648,3 +648,77 @@ def test_split_launches_write_only_their_rows():
         th.hip_attention(q, kc, vc, bt, seq, *part, ws[sel], idx[sel], sink_tokens=8, block_size_k=4, scale=0.2,
                          out=out, block_size_q=hint, num_splits=3)
     assert _rel(out, ref) < TOL[torch.float32]
+
+
+# ------------------------------------------------------------------ programmatic dependent launch (sm_90+)
+@cuda_only
+def test_pdl_chain_in_a_cuda_graph_equals_plain_launches():
+    """A decode layer's chain (KV write, staged mask refresh, split-K attention and merge) captured in a CUDA graph
+    with programmatic dependent launch gives, bit for bit, what the same chain gives with plain launches, replay
+    after replay, and matches the reference on the cache as written: each kernel waits for its predecessor's
+    writes (``_gdc_enter``), e.g. the mask reads the key the KV write just stored (a key along the query, so a
+    mask that read the cache early would score its block differently), the attention reads the mask the last
+    round just wrote."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs sm_90 or newer")
+    assert th._pdl(torch.device(DEV)) == dict(PDL=True, launch_pdl=True)  # on by default where the GPU has it
+    Hkv, G, D, page, bk, n, sink, window, B = 8, 4, 128, 16, 8, 128, 128, 2048, 6
+    seq_lens = [40000 + 3000 * i for i in range(B)]
+    q0, kc0, vc0, bt, qsl, seq = _problem(seq_lens, [1] * B, G * Hkv, Hkv, D, page, torch.bfloat16, seed=5)
+    qb = make_query_blocks(qsl, seq, 1)
+    ws = window_starts(qb[3], window, bk)
+    rows = torch.arange(B, dtype=torch.int32, device=DEV)
+    mk = dict(n_select=n, block_size_q=1, block_size_k=bk, sink_tokens=sink, query_stride=1, exact_blocks=8,
+              norm_window=1024)
+    ak = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5)
+    width = th.mask_group_width(n)
+    g = torch.Generator().manual_seed(7)
+    q_in = torch.empty_like(q0)
+    key_in = torch.empty(B, Hkv, D, dtype=q0.dtype, device=DEV)
+    active = torch.ones(B, dtype=torch.int8, device=DEV)  # every row refreshes
+    coarse = torch.ones(B, dtype=torch.bool, device=DEV)
+    slot = torch.empty(B, dtype=torch.int64, device=DEV)
+    runs = []
+    for pdl in (False, True):
+        kc, vc = kc0.clone(), vc0.clone()
+        groups = tuple(torch.zeros((B, Hkv, width), dtype=torch.int32, device=DEV) for _ in range(2))
+        idx = torch.full((B, Hkv, n), -1, dtype=torch.int32, device=DEV)
+        out = torch.empty_like(q0)
+
+        def step():
+            th.kv_write(key_in, key_in, kc, vc, slot, pdl=pdl)
+            th.hip_mask(q_in, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, out_row=rows, active=active, groups=groups,
+                        coarse=coarse, pdl=pdl, **mk)
+            th.hip_attention(q_in, kc, vc, bt, seq, *qb, ws, idx, out=out, pdl=pdl, num_splits=8, **ak)
+
+        q_in.copy_(q0)
+        key_in.zero_()
+        slot.fill_(-1)
+        step()  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        runs.append((graph, kc, vc, idx, out, groups))  # the graph holds raw pointers: keep its buffers alive
+    for rep in range(6):
+        q = torch.randn(q0.shape, generator=g).to(q0.dtype).to(DEV)
+        # this replay's key: along head 0's query, far above the window
+        pos = torch.tensor([sink + 64 * (rep + 1) * (i + 1) for i in range(B)], device=DEV)
+        qh = q.view(B, Hkv, G, D)[:, :, 0].float()
+        key_in.copy_((30 * qh / qh.norm(dim=-1, keepdim=True)).to(q.dtype))
+        slot.copy_(bt[torch.arange(B, device=DEV), pos // page].long() * page + pos % page)
+        q_in.copy_(q)
+        coarse.fill_(rep % 3 == 0)  # whole searches and exact-only refreshes over the stored groups
+        got = []
+        for graph, kc, vc, idx, out, _ in runs:
+            graph.replay()
+            torch.cuda.synchronize()
+            got.append((kc.clone(), vc.clone(), idx.clone(), out.clone()))
+        (k0, v0, i0, o0), (k1, v1, i1, o1) = got
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+        assert torch.equal(i0, i1), f"replay {rep}: PDL changed the selection"
+        assert torch.equal(o0, o1), f"replay {rep}: PDL changed the attention output"
+        if rep % 3 == 0:  # a whole search: the reference's selection on the cache as written this replay
+            _assert_mask_equal(i1, hip_mask_reference(q, k1, bt, *qb[:3], ws, **mk), 0.1)
+        ref = hip_attention_reference(q, k1, v1, bt, seq, *qb, ws, i1, **ak)
+        assert _rel(o1, ref) < TOL[torch.bfloat16]
