@@ -262,7 +262,7 @@ def main() -> None:
     # prefill tiles of 2026-12-02, which made a 16K HiP chunk ending at 32K cheaper than FA3's, BENCHMARKS.md §2)
     ap.add_argument("--hip", default=json.dumps({"k": 1024, "block_size_k": 8, "block_size_q": 64,
                                                   "sink_tokens": 128, "sliding_window": 2048, "norm_window": 1024,
-                                                  "mask_refresh_interval": 8, "mask_coarse_interval": 32,
+                                                  "mask_refresh_interval": 8, "mask_coarse_interval": 64,
                                                   "dense_layers": [0, 1, 2], "dense_below_seq_len": 16384,
                                                   "prefill_dense_below_seq_len": 16384}))
     ap.add_argument("--model-dir", default="/tmp/llama8b-dummy")

@@ -19,7 +19,7 @@
 # longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1.4M tokens; LONGEST_HOST_GIB, default 72).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 # staged      HIP alone at 6 x 128K, full batch, with the staged refresh (hip.mask_coarse_interval, STAGED_COARSE,
-#             default 32) and without it, in one command (~5 min): what skipping the halving rounds on 3 of 4 refreshes
+#             default 64, the default) and without it, in one command (~5 min): what skipping the halving rounds on 7 of 8 refreshes
 #             buys (BENCHMARKS.md §2, 2026-12-03). Not in the default list.
 # profile     HIP alone at 6 x 128K (PROFILE_ARGS replaces `--backends HIP --lengths 131072 --max-seqs 6`) with --profile: torch profiler (kernels, ops) and cProfile (plain Python) tables of
 #             the decode steps, for the host time the step spends outside GPU kernels (BENCHMARKS.md §2). Not in
@@ -81,7 +81,7 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
     longest) python3 benchmarks/bench_throughput.py --backends HIP_OFFLOAD --lengths ${LONGEST:-1400000} --output-len 64 \
                --max-seqs 1 --batched-tokens 32768 --offload "{\"host_gib\": ${LONGEST_HOST_GIB:-72}}" \
                --log "$OUT/longest.jsonl" 2>&1 | tee "$OUT/bench_longest.log" | tail -8 ;;
-    staged) for c in 0 ${STAGED_COARSE:-32}; do
+    staged) for c in 0 ${STAGED_COARSE:-64}; do
               python3 benchmarks/bench_throughput.py --backends HIP --lengths 131072 --only-full --max-seqs 6 \
                 --hip "{\"k\": 1024, \"block_size_k\": 8, \"block_size_q\": 64, \"sink_tokens\": 128, \"sliding_window\": 2048, \"norm_window\": 1024, \"dense_layers\": [0, 1, 2], \"dense_below_seq_len\": 16384, \"prefill_dense_below_seq_len\": 16384, \"mask_coarse_interval\": $c}" \
                 --log "$OUT/staged_$c.jsonl" 2>&1 | tee "$OUT/bench_staged_$c.log" | tail -4

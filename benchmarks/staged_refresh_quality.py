@@ -25,9 +25,13 @@ import torch  # noqa: E402
 import assets  # noqa: E402
 import quality_lib as ql  # noqa: E402
 
-CONFIGS = [("interval 8", {}), ("interval 16", {"mask_refresh_interval": 16}),
+# Plain intervals name coarse 0 explicitly: unset, mask_coarse_interval follows the interval (HipConfig), so
+# {"mask_refresh_interval": 16} alone would be a staged refresh too.
+CONFIGS = [("interval 8", {"mask_coarse_interval": 0}),
+           ("interval 16", {"mask_refresh_interval": 16, "mask_coarse_interval": 0}),
            ("interval 8, coarse 32", {"mask_coarse_interval": 32}),
-           ("interval 8, coarse 16", {"mask_coarse_interval": 16}), ("interval 1", {"mask_refresh_interval": 1}),
+           ("interval 8, coarse 16", {"mask_coarse_interval": 16}),
+           ("interval 1", {"mask_refresh_interval": 1, "mask_coarse_interval": 0}),
            ("interval 8, coarse 64", {"mask_coarse_interval": 64})]
 
 

@@ -72,13 +72,14 @@ def _pdl_capable(device_type: str, index: int | None) -> bool:
 
 
 def _pdl(device: torch.device, pdl: bool | None = None) -> dict:
-    """Launch options for programmatic dependent launch (``pdl``: None = where the GPU has it, sm_90 and newer).
+    """Launch options for programmatic dependent launch: on where the GPU has it (sm_90 and newer) unless ``pdl``
+    is False (a benchmark knob); never under the interpreter.
 
     A HiP layer is a chain of small launches (KV write, the mask's init and round launches, attention, merge), most
     of them short or, in a decode step without refreshes, empty. With PDL the GPU starts launching the next grid of
     the chain while the current one runs; every kernel then waits at its first instruction until the previous grid
     has finished and its writes are visible (``_gdc_enter``), so the result is that of plain stream order."""
-    on = (not _INTERPRET and _pdl_capable(device.type, device.index)) if pdl is None else bool(pdl) and not _INTERPRET
+    on = pdl is not False and not _INTERPRET and _pdl_capable(device.type, device.index)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
 

@@ -96,10 +96,10 @@ def test_read_from_vllm_additional_config():
 
 
 def test_coarse_interval_default_follows_refresh_interval_and_exact_stage():
-    """Unset ``mask_coarse_interval`` is 4 x ``mask_refresh_interval`` when the exact stage exists, else 0 (no
+    """Unset ``mask_coarse_interval`` is 8 x ``mask_refresh_interval`` when the exact stage exists, else 0 (no
     error for a user who only asks for plain v3); an explicit value is kept and validated."""
-    assert HipConfig.from_dict({}).mask_coarse_interval == 32
-    assert HipConfig.from_dict({"mask_refresh_interval": 16}).mask_coarse_interval == 64
+    assert HipConfig.from_dict({}).mask_coarse_interval == 64
+    assert HipConfig.from_dict({"mask_refresh_interval": 16}).mask_coarse_interval == 128
     assert HipConfig.from_dict({"mask_exact_blocks": 1}).mask_coarse_interval == 0
     assert HipConfig.from_dict({"mask_coarse_interval": 0}).mask_coarse_interval == 0
     with pytest.raises(HipConfigError, match="mask_coarse_interval"):

@@ -75,7 +75,7 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         jobs[f"plain_{mode}"] = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, **eng)
         jobs[f"offload_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=OFFLOAD), prompts,
                                         max_tokens=40, **eng)
-    # The default stages the refresh (hip.mask_coarse_interval = 4 x the refresh interval: exact-only refreshes
+    # The default stages the refresh (hip.mask_coarse_interval = 8 x the refresh interval: exact-only refreshes
     # between whole searches), so the plain_* jobs cover it; these cover the plain refresh (0: every refresh runs
     # the whole search), from full decode graphs and eagerly, and its kernel variants compiled at start-up
     # (jit_monitor in error mode, below).

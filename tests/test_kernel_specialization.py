@@ -89,3 +89,29 @@ def test_builder_metadata_rows_start_16_byte_aligned(n):
     rows = HipMetadataBuilder._h2d_rows(stub, host)
     assert [r.data_ptr() % 16 for r in rows] == [0] * 4
     assert torch.equal(torch.stack(rows), host.to(torch.int32))
+
+
+@pytest.mark.parametrize("capable", [False, True], ids=["no-pdl", "sm90"])
+def test_every_launch_pairs_the_pdl_wait_with_the_pdl_launch(monkeypatch, capable):
+    """A grid launched with programmatic dependent launch may start before its predecessor finishes; only the wait
+    at its first instruction (constexpr ``PDL``) keeps it from reading that predecessor's output early. So every
+    launch passes ``launch_pdl`` exactly when it compiles the wait in, on every kernel, and neither off sm_90 or
+    under the interpreter."""
+    names = KERNELS + ["_kv_write_kernel", "_kv_write_kernel_tiered"]
+    rec = {name: Recorder(getattr(th, name)) for name in names}
+    for name, r in rec.items():
+        monkeypatch.setattr(th, name, r)
+    monkeypatch.setattr(th, "_is_tiered", lambda host: host is not None)
+    monkeypatch.setattr(th, "_tier_args", lambda cache, host: (0, *host.stride()))
+    monkeypatch.setattr(th, "_INTERPRET", False)
+    monkeypatch.setattr(th, "_pdl_capable", lambda device_type, index: capable)
+    for tiered in (False, True):
+        _launch_all(3, 700, tiered)
+        kv = torch.randn(2, 2, 32)
+        host = dict(host_k_cache=kv.clone(), host_v_cache=kv.clone()) if tiered else {}
+        th.kv_write(kv, kv, torch.zeros(8, 16, 2, 32), torch.zeros(8, 16, 2, 32), torch.tensor([0, 5]), **host)
+    calls = [(name, kw) for name, r in rec.items() for _, kw in r.calls]
+    assert {name for name, _ in calls} >= {"_hip_mask_init_kernel", "_hip_mask_round_kernel", "_hip_attn_kernel",
+                                           "_merge_kernel", "_kv_write_kernel", "_kv_write_kernel_tiered"}
+    for name, kw in calls:
+        assert kw["PDL"] is capable and kw.get("launch_pdl", False) is capable, (name, kw)

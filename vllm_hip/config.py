@@ -105,9 +105,12 @@ class HipConfig:
     request's length reaches a multiple of this (and at its first steps); the refreshes in between rerun only the
     exact last stage (``mask_exact_blocks``) over the groups the last whole search kept, and keep its window start.
     0 = every refresh runs the whole search. A multiple of ``mask_refresh_interval``; needs ``mask_exact_blocks``
-    > 1. Default (unset): 4 x ``mask_refresh_interval`` (32 at the defaults) when ``mask_exact_blocks`` > 1, else 0.
-    On Qwen2.5-Coder at 32K, 32 keeps interval 8's decode recall where interval 16 loses 0.011 (simulated,
-    BENCHMARKS.md §4); on the H200 (6 x 128K, full batch) it steps 1.9 % faster than 0 (3.88x FLASH_ATTN against 3.81x; §2)."""
+    > 1. Default (unset): 8 x ``mask_refresh_interval`` (64 at the defaults) when ``mask_exact_blocks`` > 1, else 0.
+    On Qwen2.5-Coder at 32K (two texts, 128 decode steps, simulated) 64 keeps interval 8's decode recall (0.612 /
+    0.606 against 0.609 / 0.604 with every refresh a whole search) where interval 16 loses 0.009-0.011
+    (BENCHMARKS.md §4); on the H200 (6 x 128K, full batch, HIP alone) it runs 4.7 % faster than 0 and 2.5 % faster
+    than 32 (§2). Measured at 32K only: at 128K the halving rounds prune more, and what a 64-step-old coarse search
+    costs there is not measured."""
     mask_cache_slots: int = 0
     """Decode mask slots per layer (one per decoding request); 0 = max_num_seqs."""
     record_stats: bool = False
@@ -117,7 +120,7 @@ class HipConfig:
     def __post_init__(self):
         if self.mask_coarse_interval is None:  # the documented default follows the two knobs it depends on
             object.__setattr__(self, "mask_coarse_interval",
-                               4 * self.mask_refresh_interval if self.mask_exact_blocks > 1 else 0)
+                               8 * self.mask_refresh_interval if self.mask_exact_blocks > 1 else 0)
 
     @property
     def prefill_dense_below(self) -> int:
