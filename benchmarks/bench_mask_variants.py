@@ -9,6 +9,7 @@ simulated by ``quality_lib.HipSim`` with the mask function swapped (``mask_varia
   query block of its own.
 * ``summary``: whole 16-token pages ranked by max/min key summaries (``mask_variants.mask_summary``, on the
   normalised score when the config uses it).
+* ``shortlist``: the summaries shortlist ``--shortlist`` x the selection's blocks, an exact stage keeps the best.
 
     python benchmarks/bench_mask_variants.py --lengths 8000 --depths 0.25,0.75,1.0 --seeds 0,1
 
@@ -39,6 +40,8 @@ def main() -> None:
                     '(default [[256, 16k], [32, 4k]] with k = hip.k)')
     ap.add_argument("--only", default=None, help="run only these prompts of the grid, as seed:depth,... (the "
                     "prompts stay those of the full --depths list)")
+    ap.add_argument("--shortlist", type=float, default=4.0,
+                    help="shortlist variant: blocks the summaries shortlist, in multiples of the selection")
     ap.add_argument("--ppl-length", type=int, default=0, help="also perplexity on this many tokens of the plays")
     ap.add_argument("--out", default=str(HERE / "results" / "mask_variants.json"))
     a = ap.parse_args()
@@ -56,7 +59,7 @@ def main() -> None:
     stages = tuple(map(tuple, json.loads(a.stages))) if a.stages else ((256, 16 * cfg.k), (32, 4 * cfg.k))
     fns = {"v3": None, "staged": partial(mv.mask_staged, stages=stages), "oracle": mv.mask_oracle, "v3_last": None,
            "oracle_norm": partial(mv.mask_oracle_norm, window=cfg.sliding_window),
-           "summary": mv.mask_summary_for(cfg)}
+           "summary": mv.mask_summary_for(cfg), "shortlist": mv.mask_summary_for(cfg, shortlist=a.shortlist)}
     lengths = [int(x) for x in a.lengths.split(",")]
     depths = [float(x) for x in a.depths.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]

@@ -333,9 +333,9 @@ def cmd_layers(a) -> dict:
     mask_fn = None
     if a.mask == "oracle":  # exact top-n blocks under HiP's block score: the ceiling of the selection
         from mask_variants import mask_oracle as mask_fn
-    elif a.mask == "summary":  # from per-page max/min key summaries only (what a KV offload could keep on the GPU)
-        from mask_variants import mask_summary_for
-        mask_fn = mask_summary_for(cfg)
+    elif a.mask in ("summary", "shortlist"):  # from per-page max/min key summaries (what a KV offload could keep on
+        from mask_variants import mask_summary_for  # the GPU), alone or shortlisting 4 x k for an exact stage
+        mask_fn = mask_summary_for(cfg, shortlist=4 if a.mask == "shortlist" else 0)
     per = layer_table(caps, cfg, a.max_blocks, a.decode_steps if a.mask == "v3" else 0, mask_fn)
     t_m = time.time() - t0
     cols = ["rel_l2", "recall_all", "recall_sel", "block_recall", "mass"] + (
@@ -476,9 +476,10 @@ def parse_args(argv=None):
     ap.add_argument("--tokens", type=int, default=4096, help="(c)/(d): captured sequence length")
     ap.add_argument("--max-blocks", type=int, default=16, help="(c)/(d): pruned query blocks scored per layer")
     ap.add_argument("--decode-steps", type=int, default=32, help="(c)/(d): simulated decode steps")
-    ap.add_argument("--mask", choices=["v3", "oracle", "summary"], default="v3",
+    ap.add_argument("--mask", choices=["v3", "oracle", "summary", "shortlist"], default="v3",
                     help="(c): the backend's selection (v3), the exact top-n blocks (oracle, its ceiling), or whole "
-                         "16-key pages ranked by max/min key summaries (summary, mask_variants.mask_summary)")
+                         "16-key pages ranked by max/min key summaries (summary, mask_variants.mask_summary), or those "
+                         "summaries shortlisting 4 x k for an exact stage (shortlist)")
     ap.add_argument("--page", type=int, default=16, help="(e): KV page size in tokens (vLLM's block size)")
     ap.add_argument("--no-sim-ppl", dest="sim_ppl", action="store_false", help="(d): skip the HipSim perplexity")
     ap.add_argument("--out", default=str(HERE / "results"))

@@ -14,6 +14,9 @@
   summarised by its per-dimension max and min key (Quest's bound: ``sum_d max(q_d max_d, q_d min_d) >= q . k``
   for every key of the unit); the units with the best bound (max over the scored queries and the group's heads)
   are taken whole until ``n`` key blocks are chosen. Reads 2 vectors per unit instead of its keys.
+* ``shortlist``: the summaries shortlist ``shortlist x n`` key blocks (whole units, best bound first), then an
+  exact stage scores each shortlisted block by its own keys (HiP's block score) and keeps the best ``n``. What a KV
+  offload could run with summaries on the GPU and only the shortlisted keys read from host memory.
 
 These are evaluation tools, not product kernels: they score every candidate key of every query block (quadratic
 on purpose, so each algorithm's choice is compared on identical block scores).
@@ -161,10 +164,11 @@ def mask_v3_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start
 
 
 def mask_summary(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
-                 block_size_k, sink_tokens, query_stride=1, summary_tokens=16):
+                 block_size_k, sink_tokens, query_stride=1, summary_tokens=16, shortlist: float = 0):
     """Key blocks chosen from per-unit (``summary_tokens`` keys, aligned to positions) max/min key summaries, best
-    bound first, whole units, ``n_select`` blocks at most (module docstring). Same arguments and output as
-    ``hip_mask_reference``."""
+    bound first, whole units, ``n_select`` blocks at most (module docstring). ``shortlist`` > 0: the summaries pick
+    ``shortlist x n_select`` blocks instead, and the ``n_select`` best of them by their exact block score (ties:
+    lower position first) are kept. Same arguments and output as ``hip_mask_reference``."""
     bk = block_size_k
     per = max(1, summary_tokens // bk)
     st = per * bk
@@ -198,8 +202,15 @@ def mask_summary(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start
         blocks = (order[..., None] + u0) * per + torch.arange(per)  # [Hkv, U, per] in rank order
         blocks = blocks.flatten(1)
         ok = (blocks >= begin) & (blocks < end)
+        if shortlist:  # exact block scores (max over keys, scored rows, group heads), indexed by block - u0 * per
+            s = torch.einsum("hmd,phd->hpm", qs, keys).amax(-1).masked_fill(~valid[None], NEG_INF)
+            exact = s.view(Hkv, -1, bk).amax(-1)
         for h in range(Hkv):
-            chosen = blocks[h][ok[h]][:n_select]
+            if shortlist:
+                cand = torch.sort(blocks[h][ok[h]][: int(shortlist * n_select)]).values  # position order: ties
+                chosen = cand[torch.argsort(exact[h, cand - u0 * per], descending=True, stable=True)][:n_select]
+            else:
+                chosen = blocks[h][ok[h]][:n_select]
             out[b, h, : chosen.numel()] = torch.sort(chosen).values.to(torch.int32)
     return out
 
@@ -212,8 +223,12 @@ def mask_summary_norm(q, k_cache, block_table, qb_req, qb_start, qb_len, window_
     return mask_summary(q2, k2, block_table, qb_req, qb_start, qb_len, window_start, **kw)
 
 
-def mask_summary_for(cfg):
-    """The summary selection on the score ``cfg`` uses (normalised over ``cfg.norm_keys``, or raw)."""
+def mask_summary_for(cfg, shortlist: float = 0):
+    """The summary selection on the score ``cfg`` uses (normalised over ``cfg.norm_keys``, or raw); ``shortlist``
+    > 0: summaries shortlist, exact stage keeps (``mask_summary``)."""
     from functools import partial
 
+    if shortlist:
+        fn = partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
+        return partial(fn, shortlist=shortlist)
     return partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary

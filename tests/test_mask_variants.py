@@ -152,3 +152,24 @@ def test_summary_selection_follows_the_configs_score():
     assert mask_summary_for(HipConfig(normalised_score=False)) is mask_summary
     norm = mask_summary_for(HipConfig(norm_window=512))
     assert norm.func is mask_summary_norm and norm.keywords == {"window": 512}
+
+
+def test_shortlist_spans_summary_only_and_the_oracle():
+    """The summaries shortlist ``shortlist x n`` blocks and an exact stage keeps the best ``n``: with a shortlist of
+    ``n`` it keeps what the summaries alone choose; with one as long as the candidates it is the oracle (exact top-n
+    under the block score); in between it keeps more of the oracle's blocks than the summaries alone."""
+    q, k, bt, qb, ws = _problem(seed=6)
+    kw = dict(KW, n_select=8)
+    only = mask_summary(q, k, bt, *qb[:3], ws, summary_tokens=16, **kw)
+    assert torch.equal(mask_summary(q, k, bt, *qb[:3], ws, summary_tokens=16, shortlist=1, **kw), only)
+    assert torch.equal(mask_summary(q, k, bt, *qb[:3], ws, summary_tokens=16, shortlist=1000, **kw),
+                       mask_oracle(q, k, bt, *qb[:3], ws, **kw))
+    # in between, the exact stage only upgrades: as many blocks as the summaries keep, and at least as many of the
+    # oracle's as they keep
+    base = mask_oracle(q, k, bt, *qb[:3], ws, **kw)
+    sl = mask_summary(q, k, bt, *qb[:3], ws, summary_tokens=16, shortlist=4, **kw)
+    assert not torch.equal(sl, only)
+    for b in range(sl.shape[0]):
+        for h in range(sl.shape[1]):
+            got, was, best = (set(t[b, h].tolist()) - {-1} for t in (sl, only, base))
+            assert len(got) == len(was) and len(got & best) >= len(was & best)
