@@ -228,7 +228,5 @@ def mask_summary_for(cfg, shortlist: float = 0):
     > 0: summaries shortlist, exact stage keeps (``mask_summary``)."""
     from functools import partial
 
-    if shortlist:
-        fn = partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
-        return partial(fn, shortlist=shortlist)
-    return partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
+    fn = partial(mask_summary_norm, window=cfg.norm_keys) if cfg.normalised_score else mask_summary
+    return partial(fn, shortlist=shortlist) if shortlist else fn
