@@ -385,6 +385,28 @@ def num_rounds(candidates: int, n_select: int) -> int:
     return math.ceil(math.log2(math.ceil(candidates / n_select)))
 
 
+# ------------------------------------------------------------------------------ KV offload: selection cache
+def selection_cache_reference(cache: torch.Tensor, block_table: torch.Tensor, req: int, lo: torch.Tensor,
+                              hi: torch.Tensor, *, n_select: int, exact_blocks: int, block_size_k: int):
+    """What KV offload's selection cache holds for one mask row after a whole search (``triton_hip.hip_mask`` with
+    ``cand``): for each KV head ``h`` and candidate ``ci`` of the exact round (block ``lo[h, ci // E] + ci % E``,
+    valid below ``hi[h, ci // E]``), that block's ``block_size_k`` rows of ``cache`` (request ``req``'s keys or
+    values) at rows ``ci * block_size_k ..``. Returns ``(rows [Hkv, C, D], valid [Hkv, C])``, ``C = n_select x
+    exact_blocks x block_size_k``; invalid rows are zeros."""
+    E, bk = int(exact_blocks), int(block_size_k)
+    Hkv, D = cache.shape[2], cache.shape[3]
+    ci = torch.arange(n_select * E, device=cache.device)
+    blk = lo[:, ci // E].long() + ci % E  # [Hkv, n * E]
+    ok = blk < hi[:, ci // E].long()
+    pos = (blk.clamp(min=0)[..., None] * bk + torch.arange(bk, device=cache.device)).reshape(Hkv, -1)
+    valid = ok.repeat_interleave(bk, dim=1)
+    h = torch.arange(Hkv, device=cache.device)[:, None].expand_as(pos)
+    page = cache.shape[1]
+    phys = block_table.long()[req, torch.div(pos, page, rounding_mode="floor").clamp(max=block_table.shape[1] - 1)]
+    rows = cache[phys, pos % page, h]  # [Hkv, C, D]
+    return torch.where(valid[..., None], rows, torch.zeros((), dtype=cache.dtype, device=cache.device)), valid
+
+
 # ------------------------------------------------------------------------------ KV offload page swaps
 def swap_pages_reference(pairs, d_idx: torch.Tensor, h_idx: torch.Tensor, do: torch.Tensor) -> None:
     """For every ``(device_tier, host_tier)`` in ``pairs`` (pages on dim 0): swap page ``d_idx[i]`` of the

@@ -138,6 +138,37 @@ def _tier_args(cache, host_cache):
     return (delta // cache.element_size(), *host_cache.stride())
 
 
+def _check_cand(cand, k_cache, v_cache, rows: int, idx) -> None:
+    ck, cv, pick = cand
+    assert ck.dtype == k_cache.dtype and cv.dtype == v_cache.dtype, "selection cache must have the KV cache's dtype"
+    assert ck.shape[:3] == cv.shape[:3] and ck.shape[1] == k_cache.shape[2] and ck.shape[2] == rows, \
+        f"selection cache must be [R, Hkv, {rows}, D]"
+    assert ck.shape[3] == k_cache.shape[3] and cv.shape[3] == v_cache.shape[3], "selection cache head sizes"
+    assert ck.stride(3) == 1 and cv.stride(3) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, \
+        "selection cache and KV cache need unit head-dim strides"
+    assert pick.dtype == torch.int32 and pick.shape == idx.shape and pick.stride() == idx.stride(), \
+        "pick must be int32 with the mask cache's shape and strides"
+    assert ck.device == k_cache.device and cv.device == k_cache.device, "selection cache on the KV cache's device"
+
+
+def _rel_offset(t, base) -> int:
+    """``t``'s start as an element offset from ``base``'s (the kernels address both from ``base``'s pointer)."""
+    delta = t.data_ptr() - base.data_ptr()
+    assert delta % base.element_size() == 0, "selection cache not aligned to the element size"
+    return delta // base.element_size()
+
+
+def _cand_mask_args(cand, k_cache, v_cache, host_v_cache, out, rows: int):
+    """The two-tier round kernel's V-cache and selection-cache arguments (dummies without ``cand``)."""
+    if cand is None:
+        return (k_cache, 0, 0, 0, 0, 0, 0, 0, 0, 0, k_cache, k_cache, out, 0, 0, 0, 0, 0, 0)
+    assert v_cache is not None and _is_tiered(host_v_cache), "the selection cache needs v_cache and host_v_cache"
+    _check_cand(cand, k_cache, v_cache, rows, out)
+    ck, cv, pick = cand
+    return (v_cache, *v_cache.stride(), *_tier_args(v_cache, host_v_cache), ck, cv, pick, *ck.stride()[:3],
+            *cv.stride()[:3])
+
+
 # ----------------------------------------------------------------------------------------------- KV write
 @triton.jit
 def _kv_write_body(
@@ -334,6 +365,23 @@ def _reference_max(qt, k_ptr, bt_ptr, req, sbt0, page_size, ws, h, d,
 
 
 @triton.jit
+def _block_scores(qt, kt, rvalid, moff, valid, CH: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr, NORM: tl.constexpr):
+    """Each of ``CH`` candidates' score from its ``BK`` keys ``kt``: the best ``q . k`` over the valid scored rows
+    (minus the row's offset ``moff`` with ``NORM``); -inf for invalid keys."""
+    s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
+    if NORM:
+        s = s - moff[:, None]
+    s = tl.where(rvalid[:, None], s, float("-inf"))
+    srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
+    if BK == 1:
+        cs = srow
+    else:
+        cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
+    return cs
+
+
+@triton.jit
 def _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
                   N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr, HALVES: tl.constexpr,
@@ -359,28 +407,56 @@ def _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, h
     else:
         kp = k_ptr + phys[:, None] * sk0 + (pos % page_size)[:, None] * sk1 + h * sk2 + d[None, :] * sk3
     kt = tl.load(kp, mask=valid[:, None], other=0.0)
-    s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
-    if NORM:
-        s = s - moff[:, None]
-    s = tl.where(rvalid[:, None], s, float("-inf"))
-    srow = tl.where(valid, tl.max(s, axis=0), float("-inf"))
-    if BK == 1:
-        cs = srow
-    else:
-        cs = tl.max(tl.reshape(srow, (CH, BK)), axis=1)
-    return cs
+    return _block_scores(qt, kt, rvalid, moff, valid, CH=CH, BK=BK, IEEE=IEEE, UPCAST=UPCAST, NORM=NORM)
 
 
 @triton.jit
-def _exact_select(sc_s, lo_s, hi_s, out_base, so2, N: tl.constexpr, N_PAD: tl.constexpr, EXACT: tl.constexpr,
-                  E_PAD: tl.constexpr):
+def _cand_chunk_scores(qt, rvalid, moff, k_ptr, v_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d, dv,
+                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3,
+                       sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+                       ck_base, cv_base, sck2, scv2, gather,
+                       N: tl.constexpr, BK: tl.constexpr, KROWS: tl.constexpr, EXACT: tl.constexpr,
+                       IEEE: tl.constexpr, UPCAST: tl.constexpr, NORM: tl.constexpr):
+    """The exact round's scores of candidates ``c0 .. c0 + KROWS/BK`` with the selection cache (KV offload):
+    candidate ``ci``'s ``BK`` keys and values live at rows ``ci * BK ..`` of the (row, head)'s cache at
+    ``ck_base``/``cv_base``. ``gather`` (a whole search's exact round): read them from the paged two-tier cache,
+    score, and fill the cache; else (an exact-only refresh over the same groups) score the cached keys, so the
+    refresh reads no host memory. Same keys either way, so the same scores as ``_chunk_scores``."""
+    CH: tl.constexpr = KROWS // BK
+    kr = tl.arange(0, KROWS)
+    ci = c0 + kr // BK
+    blk, valid = _exact_blocks(lo_s, hi_s, ci, N=N, EXACT=EXACT)
+    crow = (ci * BK + kr % BK).to(tl.int64)
+    ckp = ck_base + crow[:, None] * sck2 + d[None, :]
+    if gather:
+        pos = tl.where(valid, blk * BK + kr % BK, 0)
+        phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=valid, other=0).to(tl.int64)
+        kp = _tiered_rows(k_ptr, phys, pos % page_size, h, d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3,
+                          n_dev)
+        kt = tl.load(kp, mask=valid[:, None], other=0.0)
+        tl.store(ckp, kt, mask=valid[:, None])
+        vp = _tiered_rows(v_ptr, phys, pos % page_size, h, dv, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3,
+                          n_dev)
+        vt = tl.load(vp, mask=valid[:, None], other=0.0)
+        tl.store(cv_base + crow[:, None] * scv2 + dv[None, :], vt, mask=valid[:, None])
+    else:
+        kt = tl.load(ckp, mask=valid[:, None], other=0.0)
+    return _block_scores(qt, kt, rvalid, moff, valid, CH=CH, BK=BK, IEEE=IEEE, UPCAST=UPCAST, NORM=NORM)
+
+
+@triton.jit
+def _exact_select(sc_s, lo_s, hi_s, out_base, so2, pick_base, N: tl.constexpr, N_PAD: tl.constexpr,
+                  EXACT: tl.constexpr, E_PAD: tl.constexpr, CAND: tl.constexpr):
     """Exact round's selection: the N best of the N * EXACT scored blocks (ties: lower position first), written
-    to ``out_base`` in position order."""
+    to ``out_base`` in position order. ``CAND``: each kept block's candidate index (its rows in the selection
+    cache) to ``pick_base`` at the same slot."""
     ci2 = tl.arange(0, E_PAD * N_PAD)
     blk2, ok = _exact_blocks(lo_s, hi_s, ci2, N=N, EXACT=EXACT)
     sc = tl.load(sc_s + ci2, mask=ci2 < N * EXACT, other=float("-inf"), cache_modifier=".cg")
     sel, slot = _top_n(tl.where(ok, sc, float("-inf")), ok, N)
     tl.store(out_base + slot * so2, blk2.to(tl.int32), mask=sel)
+    if CAND:
+        tl.store(pick_base + slot * so2, ci2.to(tl.int32), mask=sel)
 
 
 @triton.jit
@@ -476,7 +552,8 @@ def _hip_mask_body(
                     cc = c0 + tl.arange(0, CH)
                     tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
                 tl.debug_barrier()
-                _exact_select(sc_s, lo_s, hi_s, out_base, so2, N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD)
+                _exact_select(sc_s, lo_s, hi_s, out_base, so2, out_base, N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD,
+                              CAND=False)
             else:
                 res = tl.load(lo_s + ar, mask=ar < N, other=-1)
                 tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
@@ -639,14 +716,20 @@ def _hip_mask_round_body(
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off, shk0, shk1, shk2, shk3, n_dev,
+    v_ptr, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3,
+    ck_ptr, cv_ptr, pick_ptr, sck0, sck1, sck2, scv0, scv1, scv2,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr, DV: tl.constexpr,
 ):
     """``GROUPS`` (staged refresh): the groups entering the exact round live in a per-row cache; blocks whose
-    ``coarse`` flag is 0 skip the halving rounds and rescore the groups their last coarse search stored."""
+    ``coarse`` flag is 0 skip the halving rounds and rescore the groups their last coarse search stored.
+    ``CAND`` (KV offload, with ``GROUPS``): the exact round keeps the candidates' keys and values in a per-row
+    selection cache (``ck_ptr``/``cv_ptr`` ``[rows, Hkv, N * EXACT * BK, D]``), filled by the coarse searches and
+    read by the exact-only refreshes, and records each kept block's candidate index in ``pick_ptr``
+    (``_cand_chunk_scores``)."""
     qb = tl.program_id(0)
     h = tl.program_id(1)
     c = tl.program_id(2)
@@ -693,10 +776,20 @@ def _hip_mask_round_body(
         if is_exact:
             for ce0 in range(0, cpp_e):
                 c0 = (c * cpp_e + ce0) * CH
-                cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
-                                   sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
-                                   N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
-                                   UPCAST=UPCAST, TIERED=TIERED, NORM=NORM)
+                if CAND:
+                    crow = tl.load(out_row_ptr + qb).to(tl.int64)
+                    cs = _cand_chunk_scores(
+                        qt, rvalid, moff, k_ptr, v_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                        tl.arange(0, DV), sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3,
+                        sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+                        ck_ptr + crow * sck0 + h * sck1, cv_ptr + crow * scv0 + h * scv1, sck2, scv2,
+                        tl.load(coarse_ptr + qb) != 0,
+                        N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, IEEE=IEEE, UPCAST=UPCAST, NORM=NORM)
+                else:
+                    cs = _chunk_scores(qt, rvalid, moff, k_ptr, bt_ptr, req, sbt0, page_size, lo_s, hi_s, c0, h, d,
+                                       sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev,
+                                       N=N, BK=BK, KROWS=KROWS, EXACT=EXACT, HALVES=False, IEEE=IEEE,
+                                       UPCAST=UPCAST, TIERED=TIERED, NORM=NORM)
                 cc = c0 + tl.arange(0, CH)
                 tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
         for cc0 in range(0, tl.where(is_exact, 0, cpp)):
@@ -713,8 +806,8 @@ def _hip_mask_round_body(
             tl.debug_barrier()
             tl.store(cnt_ptr + pid, 0)
             row = tl.load(out_row_ptr + qb).to(tl.int64)
-            _exact_select(sc_s, lo_s, hi_s, out_ptr + row * so0 + h * so1, so2, N=N, N_PAD=N_PAD, EXACT=EXACT,
-                          E_PAD=E_PAD)
+            _exact_select(sc_s, lo_s, hi_s, out_ptr + row * so0 + h * so1, so2, pick_ptr + row * so0 + h * so1,
+                          N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD, CAND=CAND)
         elif done == nch - 1:
             tl.debug_barrier()
             tl.store(cnt_ptr + pid, 0)
@@ -748,12 +841,13 @@ def _hip_mask_round_kernel(
         sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         0, 0, 0, 0, 0, 0,
+        k_ptr, 0, 0, 0, 0, 0, 0, 0, 0, 0, k_ptr, k_ptr, out_ptr, 0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS, GROUPS=GROUPS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=False, DV=D)
 
 
-@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off"])
+@triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off", "hv_off"])
 def _hip_mask_round_kernel_tiered(
     q_ptr, k_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, ws_ptr,
@@ -762,11 +856,14 @@ def _hip_mask_round_kernel_tiered(
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
     sink_tokens, page_size, rnd, cpp,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, n_dev,
+    v_ptr, sv0, sv1, sv2, sv3, hv_off: tl.int64, shv0, shv1, shv2, shv3,
+    ck_ptr, cv_ptr, pick_ptr, sck0, sck1, sck2, scv0, scv1, scv2,
     G: tl.constexpr, D: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr, DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _gdc_enter(PDL)
     _hip_mask_round_body(
@@ -775,9 +872,11 @@ def _hip_mask_round_kernel_tiered(
         sq0, sq1, sq2, sk0, sk1, sk2, sk3, sbt0, so0, so1, so2,
         sink_tokens, page_size, rnd, cpp,
         hk_off, shk0, shk1, shk2, shk3, n_dev,
+        v_ptr, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3,
+        ck_ptr, cv_ptr, pick_ptr, sck0, sck1, sck2, scv0, scv1, scv2,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS, GROUPS=GROUPS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=CAND, DV=DV)
 
 
 def hip_mask(
@@ -786,7 +885,7 @@ def hip_mask(
     exact_blocks: int = 1, norm_window: int = 0, out=None, out_row=None, active=None,
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
     krows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    groups=None, coarse=None, pdl: bool | None = None,
+    groups=None, coarse=None, pdl: bool | None = None, cand=None, v_cache=None, host_v_cache=None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -807,6 +906,11 @@ def hip_mask(
     (qb, head) (per round).
     ``groups`` = ``(lo, hi)`` int32 ``[R, Hkv, p2(n_select)]`` and ``coarse`` ``[QB]``: the staged refresh of
     ``hip_mask_reference`` (rows ``out_row``; per-round path only; needs ``exact_blocks`` > 1).
+    ``cand`` = ``(cand_k, cand_v, pick)`` (KV offload's selection cache; needs ``groups`` and a host tier, and
+    ``v_cache``/``host_v_cache``): ``cand_k``/``cand_v`` ``[R, Hkv, n_select * exact_blocks * block_size_k, D]``
+    hold, per mask row, the keys and values of the candidates the last whole search passed to the exact stage
+    (filled by that search; exact-only refreshes score them from there), and ``pick`` (int32, ``out``'s shape and
+    strides) each selected block's candidate index, which ``hip_attention(cand=...)`` reads. Same selection.
     """
     QB = qb_req.shape[0]
     T, Hq, D = q.shape
@@ -912,6 +1016,13 @@ def hip_mask(
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
                 SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, num_warps=nw, **pdl_opts)
+    if tier:  # the two-tier kernel also takes the V cache and the selection cache (dummies without ``cand``)
+        meta.update(CAND=cand is not None, DV=v_cache.shape[-1] if cand is not None else D)
+        tier = (*tier, *_cand_mask_args(cand, k_cache, v_cache, host_v_cache, out, n * exact * bk))
+    else:
+        assert cand is None, "the selection cache (cand) is for two-tier caches (KV offload) only"
+    if cand is not None:
+        assert staged, "the selection cache (cand) needs the staged refresh (groups, coarse)"
     for r in range(n_rounds):
         a, b = r % 2, (r + 1) % 2
         kern(*head, lo[a], hi[a], lo[b], hi[b], cnt, *norm_arg, *mid, r, cpp, *tier, **meta)
@@ -920,17 +1031,30 @@ def hip_mask(
 
 # ------------------------------------------------------------------------------------ block-sparse attention
 @triton.jit
+def _tiered_or_cand_rows(ptr, phys, off, h, d, s0, s1, s2, host_off, hs0, hs1, hs2, n_dev, use_c, c_row):
+    """``_tiered_rows`` where rows with ``use_c`` come from the selection cache instead, at element offset
+    ``c_row`` from ``ptr`` (unit head-dim strides everywhere, checked by the wrapper)."""
+    on_dev = phys < n_dev
+    row = tl.where(use_c, c_row,
+                   tl.where(on_dev, phys * s0 + off * s1 + h * s2, host_off + (phys - n_dev) * hs0 + off * hs1 + h * hs2))
+    return ptr + row[:, None] + d[None, :]
+
+
+@triton.jit
 def _attn_tile(
     tt, qt, qpos, m_i, l_i, acc, idx_base, si2, sink_eff, L_sel, ws, total, bt_ptr, req, sbt0, page_size,
     k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
     hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    use_c, pick_base, ck_off, cv_off, sck2, scv2,
     BK: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, TIERED: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, CAND: tl.constexpr,
 ):
     """One online-softmax step over key tile ``tt`` of the attended list (sink, selected blocks, window).
 
     CAUSAL: apply the per-row causal test (tiles that reach past the first query of the tile); otherwise only the
     per-key validity. (FlashAttention-4's lazy rescaling was tried here and measured slower: BENCHMARKS.md §1.)
+    CAND (KV offload): where ``use_c``, selected keys and values come from the row's selection cache, at the
+    candidate index ``pick_base`` holds (``hip_mask(cand=...)``): no host read for a selected block.
     """
     vv = tt * BLOCK_N + nb
     in_sink = vv < sink_eff
@@ -941,11 +1065,18 @@ def _attn_tile(
     pos = tl.where(in_sink, vv, tl.where(in_sel, blk * BK + uc % BK, ws + (u - L_sel)))
     kvalid = (vv < total) & ((~in_sel) | ((pos >= sink_eff) & (pos < ws)))
     pos = tl.where(kvalid, pos, 0)
-    phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid, other=0).to(tl.int64)
     poff = pos % page_size
-    if TIERED:
+    if CAND:
+        from_c = in_sel & kvalid & ((tl.zeros_like(uc) + use_c.to(tl.int32)) != 0)  # a vector: the interpreter
+        phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid & (from_c == 0), other=0).to(tl.int64)
+        cidx = tl.load(pick_base + (uc // BK) * si2, mask=from_c, other=0).to(tl.int64) * BK + uc % BK
+        kp = _tiered_or_cand_rows(k_ptr, phys, poff, h, d, sk0, sk1, sk2, hk_off, shk0, shk1, shk2, n_dev, from_c,
+                                  ck_off + cidx * sck2)
+    elif TIERED:
+        phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid, other=0).to(tl.int64)
         kp = _tiered_rows(k_ptr, phys, poff, h, d, sk0, sk1, sk2, sk3, hk_off, shk0, shk1, shk2, shk3, n_dev)
     else:
+        phys = tl.load(bt_ptr + req * sbt0 + pos // page_size, mask=kvalid, other=0).to(tl.int64)
         kp = k_ptr + phys[:, None] * sk0 + poff[:, None] * sk1 + h * sk2 + d[None, :] * sk3
     kt = tl.load(kp, mask=kvalid[:, None], other=0.0)
     s = _dot(qt, tl.trans(kt), IEEE, UPCAST)
@@ -961,7 +1092,10 @@ def _attn_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
     m_i = m_new
-    if TIERED:
+    if CAND:
+        vp = _tiered_or_cand_rows(v_ptr, phys, poff, h, dv, sv0, sv1, sv2, hv_off, shv0, shv1, shv2, n_dev, from_c,
+                                  cv_off + cidx * scv2)
+    elif TIERED:
         vp = _tiered_rows(v_ptr, phys, poff, h, dv, sv0, sv1, sv2, sv3, hv_off, shv0, shv1, shv2, shv3, n_dev)
     else:
         vp = v_ptr + phys[:, None] * sv0 + poff[:, None] * sv1 + h * sv2 + dv[None, :] * sv3
@@ -978,9 +1112,10 @@ def _hip_attn_body(
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
     QB, T, Hq, sink_tokens, page_size, qk_scale,
     hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+    pick_ptr, ck_rel, cv_rel, sck0, sck1, sck2, scv0, scv1, scv2,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    TIERED: tl.constexpr, CAUSAL_TAIL: tl.constexpr,
+    TIERED: tl.constexpr, CAUSAL_TAIL: tl.constexpr, CAND: tl.constexpr, EXACT: tl.constexpr,
 ):
     qb = QB - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
     h = tl.program_id(1)
@@ -997,6 +1132,17 @@ def _hip_attn_body(
     ar = tl.arange(0, N_PAD)
     idxs = tl.load(idx_base + ar * si2, mask=ar < N, other=-1)
     L_sel = tl.sum((idxs >= 0).to(tl.int32), axis=0) * BK
+    use_c = False
+    pick_base = idx_base
+    ck_off = ck_rel
+    cv_off = cv_rel
+    if CAND:  # the row's selection came from an exact round (else from the init or a halving round: no cache)
+        count = tl.maximum(ws // BK - sink_tokens // BK, 0)
+        _r, ex = _halving_rounds(count, N, EXACT)
+        use_c = (count > N) & (ex != 0)
+        pick_base = pick_ptr + irow * si0 + h * si1
+        ck_off = ck_rel + irow * sck0 + h * sck1
+        cv_off = cv_rel + irow * scv0 + h * scv1
     mm = tl.arange(0, M)
     ii = mm // G
     gg = mm % G
@@ -1038,13 +1184,15 @@ def _hip_attn_body(
                 tt, qt, qpos, m_i, l_i, acc, idx_base, si2, sink_eff, L_sel, ws, total, bt_ptr, req, sbt0,
                 page_size, k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
                 hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
-                BK, BLOCK_N, IEEE, UPCAST, TIERED, False)
+                use_c, pick_base, ck_off, cv_off, sck2, scv2,
+                BK, BLOCK_N, IEEE, UPCAST, TIERED, False, CAND)
         for tt in range(t_mid, t1):
             m_i, l_i, acc = _attn_tile(
                 tt, qt, qpos, m_i, l_i, acc, idx_base, si2, sink_eff, L_sel, ws, total, bt_ptr, req, sbt0,
                 page_size, k_ptr, v_ptr, h, d, dv, nb, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, qk_scale,
                 hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
-                BK, BLOCK_N, IEEE, UPCAST, TIERED, True)
+                use_c, pick_base, ck_off, cv_off, sck2, scv2,
+                BK, BLOCK_N, IEEE, UPCAST, TIERED, True, CAND)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         o = acc / l_safe[:, None]
         if SPLIT:
@@ -1074,11 +1222,12 @@ def _hip_attn_kernel(
         o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
         so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        idx_ptr, 0, 0, 0, 0, 0, 0, 0, 0,
         G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
-        UPCAST=UPCAST, TIERED=False, CAUSAL_TAIL=CAUSAL_TAIL)
+        UPCAST=UPCAST, TIERED=False, CAUSAL_TAIL=CAUSAL_TAIL, CAND=False, EXACT=1)
 
 
-@triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev", "hk_off", "hv_off"])
+@triton.jit(do_not_specialize=["QB", "T", "sbt0", "n_dev", "hk_off", "hv_off", "ck_rel", "cv_rel"])
 def _hip_attn_kernel_tiered(
     q_ptr, k_ptr, v_ptr, bt_ptr,
     qb_req_ptr, qb_start_ptr, qb_len_ptr, qb_pos0_ptr, ws_ptr, idx_ptr, idx_row_ptr,
@@ -1086,9 +1235,10 @@ def _hip_attn_kernel_tiered(
     sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2, so0, so1, so2,
     QB, T, Hq, sink_tokens, page_size, qk_scale,
     hk_off: tl.int64, shk0, shk1, shk2, shk3, hv_off: tl.int64, shv0, shv1, shv2, shv3, n_dev,
+    pick_ptr, ck_rel: tl.int64, cv_rel: tl.int64, sck0, sck1, sck2, scv0, scv1, scv2,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N: tl.constexpr, N_PAD: tl.constexpr, BK: tl.constexpr,
     QR: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    CAUSAL_TAIL: tl.constexpr, PDL: tl.constexpr,
+    CAUSAL_TAIL: tl.constexpr, CAND: tl.constexpr, EXACT: tl.constexpr, PDL: tl.constexpr,
 ):
     _gdc_enter(PDL)
     _hip_attn_body(
@@ -1096,8 +1246,9 @@ def _hip_attn_kernel_tiered(
         o_ptr, po_ptr, plse_ptr, sq0, sq1, sq2, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3, sbt0, si0, si1, si2,
         so0, so1, so2, QB, T, Hq, sink_tokens, page_size, qk_scale,
         hk_off, shk0, shk1, shk2, shk3, hv_off, shv0, shv1, shv2, shv3, n_dev,
+        pick_ptr, ck_rel, cv_rel, sck0, sck1, sck2, scv0, scv1, scv2,
         G=G, D=D, DV=DV, N=N, N_PAD=N_PAD, BK=BK, QR=QR, M=M, BLOCK_N=BLOCK_N, SPLIT=SPLIT, IEEE=IEEE,
-        UPCAST=UPCAST, TIERED=True, CAUSAL_TAIL=CAUSAL_TAIL)
+        UPCAST=UPCAST, TIERED=True, CAUSAL_TAIL=CAUSAL_TAIL, CAND=CAND, EXACT=EXACT)
 
 
 @triton.jit(do_not_specialize=["T", "S"])
@@ -1130,6 +1281,7 @@ def hip_attention(
     num_splits: int | None = None, block_size_q: int | None = None, block_n: int | None = None,
     host_k_cache=None, host_v_cache=None, num_warps: int | None = None, num_stages: int | None = None,
     rows: int | None = None, causal_tail: bool | None = None, pdl: bool | None = None,
+    cand=None, exact_blocks: int = 1,
 ):
     """Block-sparse attention, same result as ``hip_attention_reference``.
 
@@ -1140,7 +1292,9 @@ def hip_attention(
     or neither; module docstring). ``num_warps`` / ``num_stages`` / ``rows`` (query rows per tile, times the G
     heads = the tile height): launch knobs for benchmarks (default: the measured choice below). ``causal_tail``: the
     causal test only on tiles past the first query (default: prefill tiles only; exact either way). ``pdl``:
-    programmatic dependent launch (``_pdl``; default: on sm_90 and newer). No host sync.
+    programmatic dependent launch (``_pdl``; default: on sm_90 and newer). ``cand`` = ``(cand_k, cand_v, pick)``
+    (two-tier caches only) with ``exact_blocks``: the selection cache ``hip_mask(cand=...)`` filled; rows whose
+    selection came from an exact round read their selected keys and values there. No host sync.
     """
     assert (host_k_cache is None) == (host_v_cache is None), "pass both host tiers or neither"
     T, Hq, D = q.shape
@@ -1195,6 +1349,21 @@ def hip_attention(
         causal_tail = max_len > 1
     tiered = _is_tiered(host_k_cache)
     tier = (*_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache), k_cache.shape[0]) if tiered else ()
+    cand_meta = {}
+    if tiered:
+        if cand is None:
+            tier = (*tier, indices, 0, 0, 0, 0, 0, 0, 0, 0)
+        else:
+            exact = max(1, int(exact_blocks))
+            _check_cand(cand, k_cache, v_cache, n * exact * int(block_size_k), indices)
+            ck, cv, pick = cand
+            tier = (*tier, pick, _rel_offset(ck, k_cache), _rel_offset(cv, v_cache), *ck.stride()[:3],
+                    *cv.stride()[:3])
+            cand_meta = dict(EXACT=exact)
+        cand_meta["CAND"] = cand is not None
+        cand_meta.setdefault("EXACT", 1)
+    else:
+        assert cand is None, "the selection cache (cand) is for two-tier caches (KV offload) only"
     pdl_opts = _pdl(dev, pdl)
     (_hip_attn_kernel_tiered if tiered else _hip_attn_kernel)[(QB, Hkv, S)](
         q, k_cache, v_cache, block_table,
@@ -1205,7 +1374,7 @@ def hip_attention(
         QB, T, Hq, int(sink_tokens), k_cache.shape[1], float(scale) * 1.4426950408889634, *tier,
         G=G, D=D, DV=DV, N=n, N_PAD=_p2(max(n, 1)), BK=int(block_size_k), QR=qr, M=M, BLOCK_N=block_n,
         SPLIT=S > 1, IEEE=ieee, UPCAST=_INTERPRET, CAUSAL_TAIL=bool(causal_tail),
-        num_warps=num_warps, num_stages=num_stages, **pdl_opts,
+        num_warps=num_warps, num_stages=num_stages, **cand_meta, **pdl_opts,
     )
     if S > 1:
         _merge_kernel[(QB, Hq, max_len)](po, plse, out, qb_start, qb_len, T, Hq, out.stride(0), out.stride(1), out.stride(2),

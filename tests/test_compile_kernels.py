@@ -27,7 +27,7 @@ class Spy:
         launch = self.kernel[grid]
 
         def run(*args, **kw):
-            self.seen.add((self.name, tuple(sorted((k, v) for k, v in kw.items() if k in ("SPLIT", "QR", "HAS_ACTIVE", "GROUPS")))))
+            self.seen.add((self.name, tuple(sorted((k, v) for k, v in kw.items() if k in ("SPLIT", "QR", "HAS_ACTIVE", "GROUPS", "CAND")))))
             return launch(*args, **kw)
         return run
 
@@ -91,6 +91,9 @@ def test_warm_up_with_offload_launches_the_two_tier_variants(monkeypatch):
                         block_table_width=40, cfg=cfg, host_tier=True)
     assert {n for n, _ in seen} == {*tiered, "_swap_pages_kernel"}, seen
     assert {dict(v)["SPLIT"] for n, v in seen if n == "_hip_attn_kernel_tiered"} == {True, False}
+    # the selection cache's variants (hip.offload.selection_cache, on by default): staged mask and decode attention
+    for kernel in ("_hip_mask_round_kernel_tiered", "_hip_attn_kernel_tiered"):
+        assert {dict(v)["CAND"] for n, v in seen if n == kernel} == {True, False}, kernel
 
 
 def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
@@ -140,6 +143,22 @@ def test_warm_up_keys_cover_launches_on_the_offload_managers_tiers(monkeypatch):
     th.hip_attention(q, dk, dv, bt, seq, req, st, ln, pos0, ws, cache, indices_row=row, out=torch.empty_like(q),
                      sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=hs ** -0.5,
                      host_k_cache=hk, host_v_cache=hv)
+    # the staged refresh with the selection cache, allocated as the builder allocates it
+    from vllm_hip.kernels.reference import mask_group_width
+    from vllm_hip.kv_offload import alloc_selection_cache
+
+    stack = torch.full((2, 4, Hkv, cfg.n_select), -1, dtype=torch.int32, device=dev_t)  # the builder's mask stack
+    cache = stack[1]
+    cand = alloc_selection_cache(cfg, 3, Hkv, hs, dk.dtype, dev_t, cache)
+    cand[0].zero_(), cand[1].zero_()
+    width = mask_group_width(cfg.n_select)
+    g2 = torch.zeros((2, 2, 4, Hkv, width), dtype=torch.int32, device=dev_t)
+    coarse = torch.ones(8, dtype=torch.bool, device=dev_t)[:3]
+    th.hip_mask(q, dk, bt, req, st, ln, ws, out=cache, out_row=row, active=refresh, groups=(g2[0, 1], g2[1, 1]),
+                coarse=coarse, cand=cand, v_cache=dv, host_v_cache=hv, **mk)
+    th.hip_attention(q, dk, dv, bt, seq, req, st, ln, pos0, ws, cache, indices_row=row, out=torch.empty_like(q),
+                     sink_tokens=cfg.sink_tokens, block_size_k=cfg.block_size_k, scale=hs ** -0.5,
+                     host_k_cache=hk, host_v_cache=hv, cand=cand, exact_blocks=cfg.mask_exact_blocks)
     slots = torch.tensor([5 * page + 3, (G + 7) * page + 1, -1], device=dev_t)  # int64, as vLLM's slot mapping
     th.kv_write(torch.randn(3, Hkv, hs, generator=g).to(dev_t), torch.randn(3, Hkv, hs, generator=g).to(dev_t),
                 dk, dv, slots, host_k_cache=hk, host_v_cache=hv)

@@ -75,6 +75,9 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
         jobs[f"plain_{mode}"] = _spec(tiny_model, "HIP", HIP_ACTIVE, prompts, max_tokens=40, **eng)
         jobs[f"offload_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=OFFLOAD), prompts,
                                         max_tokens=40, **eng)
+        # without the selection cache: decode reads selected blocks from both tiers in place
+        jobs[f"offload-tiers_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=dict(
+            OFFLOAD, selection_cache=False)), prompts, max_tokens=40, **eng)
     # The default stages the refresh (hip.mask_coarse_interval = 8 x the refresh interval: exact-only refreshes
     # between whole searches), so the plain_* jobs cover it; these cover the plain refresh (0: every refresh runs
     # the whole search), from full decode graphs and eagerly, and its kernel variants compiled at start-up
@@ -210,5 +213,8 @@ def test_plain_refresh_graphs_equal_eager_and_compile_at_startup(results):
 @pytest.mark.parametrize("mode", ["eager", "cuda-graphs"])
 def test_offload_gives_same_tokens(results, mode):
     """hip.offload with 16 GPU pages per layer (the prompts need ~700): most pages live in pinned host memory,
-    the kernels read them through UVA and pages move between tiers every step; greedy tokens must not change."""
+    the kernels read them through UVA and pages move between tiers every step; greedy tokens must not change,
+    with the selection cache (the default: decode reads selected blocks from the GPU copy the whole searches
+    made) and without it."""
     assert _tokens(results, f"offload_{mode}") == _tokens(results, f"plain_{mode}")
+    assert _tokens(results, f"offload-tiers_{mode}") == _tokens(results, f"plain_{mode}")

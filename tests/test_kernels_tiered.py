@@ -46,6 +46,7 @@ from kernels.reference import (  # noqa: E402
     hip_mask_reference,
     kv_write_reference,
     make_query_blocks,
+    selection_cache_reference,
     tiered_cache,
     window_starts,
 )
@@ -265,6 +266,76 @@ def test_kv_write_tiered_matches_untiered():
     th.kv_write(key, value, tiers.k, tiers.v, tiers.slots(slots), **tiers.kw)
     virt_k, virt_v = tiered_cache(tiers.k, tiers.hk), tiered_cache(tiers.v, tiers.hv)
     assert torch.equal(virt_k[tiers.loc], kc) and torch.equal(virt_v[tiers.loc], vc)
+
+
+# ------------------------------------------------------- 2b. the selection cache: decode reads no host page
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_cache_keeps_staged_decode_off_the_host_tier(dtype):
+    """KV offload's selection cache (``hip_mask(cand=...)``, ``hip_attention(cand=...)``): a whole search fills it
+    with its exact round's candidate keys and values; exact-only refreshes and attention then read selected blocks
+    there. Decode steps on the tiers with the cache give the selections and outputs of the untiered kernels, the
+    cache holds what the reference gather says, and once it is filled the pages between the sink and the window
+    are poisoned (NaN) in both tiers: exact-only refreshes and attention still match, so they read none of them.
+    Rows: searches that halve 4 times, once, never (exact round at once), and one that takes all blocks."""
+    Hq, Hkv, D, page, bk, n, sink, window, E = 8, 2, 32, 16, 4, 8, 8, 32, 4
+    lens = [40 * n * bk + 7, 7 * n * bk + 16, 3 * n * bk, 20, 25 * n * bk + 3]
+    q, kc, vc, bt, qsl, seq = _problem(lens, [1] * len(lens), Hq, Hkv, D, page, dtype, seed=41)
+    tiers = Tiers(kc, vc, seed=41)
+    pbt = tiers.block_table(bt)
+    qb = make_query_blocks(qsl, seq, 1)
+    ws = window_starts(qb[3], window, bk)
+    rows = torch.tensor([3, 0, 5, 1, 4], dtype=torch.int32, device=DEV)
+    mk = dict(n_select=n, block_size_q=1, block_size_k=bk, sink_tokens=sink, query_stride=1, exact_blocks=E,
+              norm_window=16)
+    ak = dict(sink_tokens=sink, block_size_k=bk, scale=D ** -0.5, block_size_q=1, num_splits=2)
+
+    def buffers():
+        return (torch.full((6, Hkv, n), -1, dtype=torch.int32, device=DEV),
+                tuple(torch.full((6, Hkv, n), -3, dtype=torch.int32, device=DEV) for _ in range(2)))
+
+    (ref_idx, ref_groups), (idx, groups) = buffers(), buffers()
+    C = n * E * bk
+    ck = torch.full((6, Hkv, C, D), float("nan"), dtype=dtype, device=DEV)
+    cv = torch.full_like(ck, float("nan"))
+    pick = torch.full_like(idx, -7)
+    cand = (ck, cv, pick)
+    g = torch.Generator().manual_seed(42)
+    steps = [([1, 1, 1, 1, 1], [1, 1, 1, 1, 1]), ([1, 1, 1, 1, 1], [0, 0, 0, 0, 0]),
+             ([1, 0, 1, 1, 1], [0, 0, 0, 0, 0]), ([0, 1, 1, 0, 1], [0, 0, 0, 0, 0])]
+    for step, (active, coarse) in enumerate(steps):
+        if step:
+            q = q + 0.5 * torch.randn(q.shape, generator=g).to(q)
+        a = torch.tensor(active, dtype=torch.int32, device=DEV)
+        c = torch.tensor(coarse, dtype=torch.bool, device=DEV)
+        th.hip_mask(q, kc, bt, *qb[:3], ws, out=ref_idx, out_row=rows, active=a, groups=ref_groups, coarse=c, **mk)
+        th.hip_mask(q, tiers.k, pbt, *qb[:3], ws, out=idx, out_row=rows, active=a, groups=groups, coarse=c,
+                    host_k_cache=tiers.hk, cand=cand, v_cache=tiers.v, host_v_cache=tiers.hv, **mk)
+        assert torch.equal(idx, ref_idx), step
+        want = th.hip_attention(q, kc, vc, bt, seq, *qb, ws, ref_idx, indices_row=rows, **ak)
+        got = torch.full_like(q, float("nan"))
+        th.hip_attention(q, tiers.k, tiers.v, pbt, seq, *qb, ws, idx, indices_row=rows, out=got, cand=cand,
+                         exact_blocks=E, **tiers.kw, **ak)
+        assert _rel(got, want) <= TIGHT, step
+        if step == 0:
+            # the cache holds each row's candidates (the take-all row, 20 tokens, has none) ...
+            for i, r in enumerate(rows.long().tolist()):
+                if i == 3:
+                    continue
+                for cache, logical in ((ck, kc), (cv, vc)):
+                    rows_want, valid = selection_cache_reference(logical, bt, i, groups[0][r], groups[1][r],
+                                                                 n_select=n, exact_blocks=E, block_size_k=bk)
+                    assert valid.any() and torch.equal(cache[r][valid], rows_want[valid]), (i, r)
+                sel = idx[r]  # ... and each kept block's candidate index points at that block
+                ci = pick[r].long()
+                assert torch.equal(groups[0][r].gather(1, ci // E) + ci % E, sel.long()), (i, r)
+            # ... so the pages between the sink and the windows are read no more: poison them in both tiers
+            nan = float("nan")
+            for i in range(len(lens)):
+                for p in range(-(-sink // page), int(ws[i]) // page):
+                    phys = int(pbt[i, p])
+                    for dev_t, host_t in ((tiers.k, tiers.hk), (tiers.v, tiers.hv)):
+                        (dev_t[phys] if phys < tiers.G else host_t[phys - tiers.G]).fill_(nan)
 
 
 # ------------------------------------------------------------------- 3. reference and torch: tiered == untiered

@@ -44,6 +44,32 @@ def test_plan_uses_all_gpu_kv_memory_when_gpu_blocks_is_0():
     assert plan.num_pages > 1000  # the pool grew beyond what the GPU alone holds
 
 
+@dataclass
+class Llama8BSpec:
+    page_size_bytes: int = PAGE
+    num_kv_heads: int = 8
+    head_size: int = 128
+    dtype: torch.dtype = torch.bfloat16
+
+
+def test_plan_takes_the_selection_cache_out_of_the_gpu_budget():
+    """hip.offload.selection_cache: (max_num_seqs + 1) mask rows x k x mask_exact_blocks tokens of K and V per HiP
+    layer, 32 MiB per row and layer at the defaults with Llama-3.1-8B's KV heads; it counts in the GPU bytes, and
+    with gpu_blocks 0 the pages get what is left. Off, or with offload off, it costs nothing."""
+    specs = {f"model.layers.{i}.self_attn.attn": Llama8BSpec() for i in range(32)}
+    avail = 32 * PAGE * 4000
+    on = plan_offload(_cfg(host_gib=1.0), specs, available_bytes=avail, max_num_seqs=6)
+    off = plan_offload(_cfg(host_gib=1.0, selection_cache=False), specs, available_bytes=avail, max_num_seqs=6)
+    assert on.selection_cache_bytes == 29 * 7 * 32 * 2**20 and off.selection_cache_bytes == 0
+    assert on.gpu_bytes() <= avail and off.gpu_bytes() <= avail
+    fewer = off.device_pages - on.device_pages  # the cache's pages, shared out over the 32 layers' page budgets
+    assert on.selection_cache_bytes // PAGE // 32 <= fewer <= on.selection_cache_bytes // PAGE // 32 + 1
+    explicit = plan_offload(_cfg(host_gib=1.0, gpu_blocks=100), specs, available_bytes=avail, max_num_seqs=6)
+    assert explicit.gpu_bytes() == PAGE * (3 * explicit.num_pages + 29 * 100) + on.selection_cache_bytes
+    with pytest.raises(HipConfigError, match=r"selection cache.*lower max_num_seqs"):
+        plan_offload(_cfg(host_gib=1.0), specs, available_bytes=avail, max_num_seqs=1000)
+
+
 @pytest.mark.parametrize("off,avail,message", [
     ({"host_gib": 1.0, "gpu_blocks": 10**6}, 2**30, r"does not fit in the GPU KV memory.*Lower hip.offload.gpu_blocks"),
     ({"host_gib": 1e-6}, 2**30, r"holds no KV page"),

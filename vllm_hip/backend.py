@@ -24,7 +24,7 @@ from vllm_hip.compat import (
 )
 from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 from vllm_hip.kernels.reference import make_query_blocks, mask_group_width, window_starts
-from vllm_hip.kv_offload import LAST_STATS, HostTiers, is_dense_layer, layer_index
+from vllm_hip.kv_offload import LAST_STATS, HostTiers, alloc_selection_cache, is_dense_layer, layer_index
 from vllm_hip.mask_state import DecodeMaskState
 
 logger = compat.init_logger(__name__)
@@ -160,6 +160,8 @@ class HipMetadata:
     kv_block_table: torch.Tensor | None = None
     kv_slot_mapping: torch.Tensor | None = None
     host_kv: dict[str, torch.Tensor] | None = None  # layer name -> host tier (UVA view), same layout as kv_cache
+    # hip.offload.selection_cache: layer name -> (keys, values, pick) of the decode rows' exact-stage candidates
+    selection_cache: dict[str, tuple] | None = None
 
 
 class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
@@ -353,8 +355,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             sched = self._vllm_config.scheduler_config
             # pages one step can write: its token budget, a partial page per request at most on top
             write_moves = -(-sched.max_num_batched_tokens // page) + sched.max_num_seqs
-            self._offload = HostTiers(cfg, {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers},
-                                      page, self.device, write_moves=write_moves)
+            layer_kv = {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers}
+            self._offload = HostTiers(cfg, layer_kv, page, self.device, write_moves=write_moves)
+            self._selection_cache = None
+            if cfg.offload.selection_cache:  # planned into the GPU budget by kv_offload.plan_offload
+                kv = next(iter(layer_kv.values()))
+                self._selection_cache = {
+                    n: alloc_selection_cache(cfg, self.decode_state.cache_rows, self.num_kv_heads, kv.shape[-1] // 2,
+                                             kv.dtype, self.device, self._mask_caches[n]) for n in hip_layers}
             cache = self._vllm_config.cache_config
             pool = (cache.num_gpu_blocks or 0) * max(1, cache.block_size // page)  # set where the core shares it
             if pool and pool != self._offload.residency.num_pages:
@@ -378,8 +386,9 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         cols = torch.cat([last - self._window_cols[None], self._sink_cols[None].expand(R, -1)], 1)
         valid = (cols >= 0) & (cols * page < L[:, None])
         res.touch(block_table.gather(1, cols.clamp(0, W - 1)), valid)
-        # Key blocks the decode requests' cached masks selected (every HiP layer, one gather).
-        if decode is not None:
+        # Key blocks the decode requests' cached masks selected (every HiP layer, one gather). Not with the
+        # selection cache: decode reads them there, and promoting their pages would only cost PCIe bandwidth.
+        if decode is not None and self._selection_cache is None:
             sel = self._mask_stack[:, decode.mask_row.long()].transpose(0, 1)  # [n, layers, Hkv, n_select]
             n = sel.shape[0]
             sel = sel.reshape(n, -1)
@@ -395,7 +404,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             if self._offload_step % 1024 == 0:
                 logger.info("HiP KV offload: %s", LAST_STATS)
         return dict(kv_block_table=self._phys_bt[:R, :W], kv_slot_mapping=self._phys_slots,
-                    host_kv=self._offload.host_kv)
+                    host_kv=self._offload.host_kv, selection_cache=self._selection_cache)
 
     def _dense_prefill(self, cm, qsl_cpu, q_lens, pf_reqs) -> DensePrefill | None:
         p0, p1 = int(pf_reqs[0]), int(pf_reqs[-1]) + 1
@@ -587,9 +596,14 @@ class HipAttentionImpl(AttentionImpl):
                 cache = md.mask_caches[layer.layer_name]
                 # staged refresh: most refreshes rerun only the exact stage, over groups kept per row
                 staged = {} if qb.coarse is None else dict(groups=md.mask_groups[layer.layer_name], coarse=qb.coarse)
+                sel_cache = {}
+                if tier and md.selection_cache is not None:  # offload: selected K/V from the GPU, not the host
+                    cand = md.selection_cache[layer.layer_name]
+                    staged.update(cand=cand, v_cache=v_cache, host_v_cache=tier["host_v_cache"])
+                    sel_cache = dict(cand=cand, exact_blocks=cfg.mask_exact_blocks)
                 ops.mask(q, k_cache, block_table, qb.req, qb.start, qb.length, qb.window_start,
                          out=cache, out_row=qb.mask_row, active=qb.refresh, **mask_kw, **staged)
-                ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common)
+                ops.attention(*args, qb.window_start, cache, indices_row=qb.mask_row, **common, **sel_cache)
                 selected = cache[qb.mask_row.long()] if cfg.record_stats else None  # a gather per layer: only for stats
             if cfg.record_stats:
                 stats.record(self.layer_index or 0, phase, qb.length, qb.pos0,

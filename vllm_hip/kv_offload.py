@@ -38,16 +38,46 @@ class OffloadPlan:
     dense_layers: tuple[str, ...]
     device_pages: int  # G: pages of each HiP layer in GPU memory
     host_pages: int  # H: pages of each HiP layer in host memory
+    selection_cache_bytes: int = 0  # hip.offload.selection_cache, all HiP layers and mask rows
 
     @property
     def num_pages(self) -> int:
         return self.device_pages + self.host_pages
 
     def gpu_bytes(self) -> int:
-        return self.page_bytes * (len(self.dense_layers) * self.num_pages + len(self.hip_layers) * self.device_pages)
+        return self.page_bytes * (len(self.dense_layers) * self.num_pages + len(self.hip_layers) * self.device_pages) \
+            + self.selection_cache_bytes
 
     def host_bytes(self) -> int:
         return self.page_bytes * len(self.hip_layers) * self.host_pages
+
+
+# ------------------------------------------------------------------------------------------ selection cache
+def selection_cache_tokens(cfg: HipConfig) -> int:
+    """Rows of one (mask row, KV head) of the selection cache: the tokens of the exact stage's candidates."""
+    return cfg.n_select * cfg.mask_exact_blocks * cfg.block_size_k
+
+
+def selection_cache_bytes(cfg: HipConfig, rows: int, num_kv_heads: int, head_size: int, element_size: int) -> int:
+    """GPU bytes of one HiP layer's selection cache (keys and values) for ``rows`` mask rows; 0 when it is off."""
+    if not (cfg.offload.enabled and cfg.offload.selection_cache):
+        return 0
+    return rows * num_kv_heads * selection_cache_tokens(cfg) * 2 * head_size * element_size
+
+
+def alloc_selection_cache(cfg: HipConfig, rows: int, num_kv_heads: int, head_size: int, dtype, device, pick_like):
+    """One HiP layer's selection cache ``(keys, values, pick)`` as ``triton_hip.hip_mask(cand=...)`` takes it:
+    ``[rows, Hkv, selection_cache_tokens, head_size]`` each, and ``pick`` like the layer's mask cache
+    ``pick_like``. Left unset: a row is read only after a whole search filled it."""
+    shape = (rows, num_kv_heads, selection_cache_tokens(cfg), head_size)
+    return (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device),
+            torch.full_like(pick_like, -1))
+
+
+def mask_rows(cfg: HipConfig, max_num_seqs: int) -> int:
+    """Rows of each layer's decode mask cache that a selection cache backs: the slots plus the trash row
+    (``mask_state.DecodeMaskState.cache_rows``)."""
+    return (cfg.mask_cache_slots or max_num_seqs) + 1
 
 
 def host_pages_for(cfg: HipConfig, page_bytes: int, num_hip_layers: int) -> int:
@@ -67,8 +97,9 @@ def is_dense_layer(cfg: HipConfig, layer_name: str) -> bool:
     return layer_index(layer_name) in cfg.dense_layers
 
 
-def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int) -> OffloadPlan:
-    """Split of the KV pool between GPU and host memory; raises ``HipConfigError`` naming the fix."""
+def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int, max_num_seqs: int = 1) -> OffloadPlan:
+    """Split of the KV pool between GPU and host memory; raises ``HipConfigError`` naming the fix. The selection
+    cache (``hip.offload.selection_cache``, for ``max_num_seqs`` decoding requests) comes out of the GPU budget."""
     pages = {getattr(s, "page_size_bytes", None) for s in layer_specs.values()}
     if len(pages) != 1 or None in pages:
         raise HipConfigError("hip.offload supports models whose attention layers all have one KV page size "
@@ -83,18 +114,24 @@ def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int) -> Off
     if H <= 0:
         raise HipConfigError(f"hip.offload.host_gib={cfg.offload.host_gib} holds no KV page "
                              f"({page_bytes * len(hip)} bytes per page over {len(hip)} HiP layers); raise it")
-    avail_pages = available_bytes // page_bytes
+    spec = layer_specs[hip[0]]
+    sel = len(hip) * selection_cache_bytes(
+        cfg, mask_rows(cfg, max_num_seqs), getattr(spec, "num_kv_heads", 0), getattr(spec, "head_size", 0),
+        getattr(getattr(spec, "dtype", None), "itemsize", 2))
+    avail_pages = (available_bytes - sel) // page_bytes
     if cfg.offload.gpu_blocks:
         G = cfg.offload.gpu_blocks
     else:  # all the GPU KV memory vLLM found: dense layers hold N = G + H pages, HiP layers G
         G = (avail_pages - len(dense) * H) // (len(dense) + len(hip))
-    plan = OffloadPlan(page_bytes, hip, dense, G, H)
+    plan = OffloadPlan(page_bytes, hip, dense, G, H, sel)
     if G <= 0 or plan.gpu_bytes() > available_bytes:
         raise HipConfigError(
             f"hip.offload does not fit in the GPU KV memory vLLM found ({available_bytes / 2**30:.2f} GiB): "
             f"{len(dense)} dense layers keep all {G + H} pages on the GPU and {len(hip)} HiP layers {G} pages, "
-            f"{plan.gpu_bytes() / 2**30:.2f} GiB. Lower hip.offload.gpu_blocks or hip.offload.host_gib, use fewer "
-            f"hip.dense_layers, or raise --gpu-memory-utilization")
+            f"plus {sel / 2**30:.2f} GiB of selection cache: {plan.gpu_bytes() / 2**30:.2f} GiB. Lower "
+            f"hip.offload.gpu_blocks or hip.offload.host_gib, use fewer hip.dense_layers, lower max_num_seqs (the "
+            f"selection cache grows with it) or set hip.offload.selection_cache to false, or raise "
+            f"--gpu-memory-utilization")
     return plan
 
 
@@ -121,16 +158,17 @@ def plan_and_shrink(original, vllm_config, kv_cache_specs, available_memory):
     if not compat.kv_tensors_per_layer():
         raise HipConfigError("hip.offload needs vLLM's per-layer KV tensors (vLLM 0.26 on CUDA); this vLLM backs all "
                              "layers with one allocation, which offload does not support yet. Remove hip.offload")
-    plan = plan_offload(cfg, kv_cache_specs[0], min(available_memory))
+    plan = plan_offload(cfg, kv_cache_specs[0], min(available_memory), vllm_config.scheduler_config.max_num_seqs)
     vllm_config.cache_config.num_gpu_blocks_override = plan.num_pages
     configs = original(vllm_config, kv_cache_specs, available_memory)
     shrink_kv_cache_configs(configs, plan)
     block = vllm_config.cache_config.block_size
     logger.info(
         "HiP KV offload: pool of %d blocks (%d tokens); %d dense layers keep them all on the GPU, %d HiP layers "
-        "keep %d on the GPU and %d in pinned host memory (%.1f GiB GPU KV, %.1f GiB host KV)",
+        "keep %d on the GPU and %d in pinned host memory (%.1f GiB GPU KV, of which %.1f GiB selection cache; "
+        "%.1f GiB host KV)",
         plan.num_pages, plan.num_pages * block, len(plan.dense_layers), len(plan.hip_layers), plan.device_pages,
-        plan.host_pages, plan.gpu_bytes() / 2**30, plan.host_bytes() / 2**30)
+        plan.host_pages, plan.gpu_bytes() / 2**30, plan.selection_cache_bytes / 2**30, plan.host_bytes() / 2**30)
     return configs
 
 

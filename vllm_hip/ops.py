@@ -49,14 +49,19 @@ def kv_write(key, value, k_cache, v_cache, slot_mapping, host_k_cache=None, host
 
 def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_select, block_size_q,
          block_size_k, sink_tokens, query_stride, exact_blocks=1, norm_window=0, out=None, out_row=None,
-         active=None, host_k_cache=None, groups=None, coarse=None) -> torch.Tensor:
+         active=None, host_k_cache=None, groups=None, coarse=None, cand=None, v_cache=None,
+         host_v_cache=None) -> torch.Tensor:
     """Selected key blocks ``[QB, Hkv, n]``; with ``out``/``out_row``/``active``: written into ``out`` rows.
-    ``groups``/``coarse``: the staged refresh (``hip_mask_reference``), group caches at the ``out_row`` rows."""
+    ``groups``/``coarse``: the staged refresh (``hip_mask_reference``), group caches at the ``out_row`` rows.
+    ``cand`` (with ``v_cache``/``host_v_cache``): KV offload's selection cache (``triton_hip.hip_mask``); it only
+    changes where keys are read from, so the CPU path, which reads the pages, ignores it."""
     kw = dict(n_select=n_select, block_size_q=block_size_q, block_size_k=block_size_k,
               sink_tokens=sink_tokens, query_stride=query_stride, exact_blocks=exact_blocks, norm_window=norm_window)
     if host_k_cache is not None:
         kw["host_k_cache"] = host_k_cache
     if _use_triton(q):
+        if cand is not None:
+            kw.update(cand=cand, v_cache=v_cache, host_v_cache=host_v_cache)
         return _triton().hip_mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start,
                                   out=out, out_row=out_row, active=active, groups=groups, coarse=coarse, **kw)
     if active is not None:
@@ -76,10 +81,13 @@ def mask(q, k_cache, block_table, qb_req, qb_start, qb_len, window_start, *, n_s
 
 def attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len, qb_pos0, window_start,
               indices, *, sink_tokens, block_size_k, scale, out, indices_row=None, max_qb_len=None,
-              host_k_cache=None, host_v_cache=None) -> torch.Tensor:
-    """Block-sparse attention; ``max_qb_len`` (longest query block, 1 for decode) sizes the kernel's tiles."""
+              host_k_cache=None, host_v_cache=None, cand=None, exact_blocks=1) -> torch.Tensor:
+    """Block-sparse attention; ``max_qb_len`` (longest query block, 1 for decode) sizes the kernel's tiles.
+    ``cand``/``exact_blocks``: KV offload's selection cache (``triton_hip.hip_attention``; ignored on CPU)."""
     tier = dict(host_k_cache=host_k_cache, host_v_cache=host_v_cache) if host_k_cache is not None else {}
     if _use_triton(q):
+        if cand is not None:
+            tier.update(cand=cand, exact_blocks=exact_blocks)
         return _triton().hip_attention(q, k_cache, v_cache, block_table, seq_lens, qb_req, qb_start, qb_len,
                                        qb_pos0, window_start, indices, sink_tokens=sink_tokens,
                                        block_size_k=block_size_k, scale=scale, out=out, indices_row=indices_row,
@@ -197,14 +205,23 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
         for single in (True, False):  # large decode batches take the one-launch path
             th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
                         single_launch=single, **mask_tier)
+        cand = [None]
         if cfg.mask_coarse_interval:  # the staged refresh's variant (per-round path, group caches)
             width = ref.mask_group_width(cfg.n_select)
             groups = tuple(torch.zeros((2, num_kv_heads, width), dtype=torch.int32, device=device) for _ in range(2))
-            th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
-                        groups=groups, coarse=one.bool(), **mask_tier)
-        for splits in (None, 1):
-            th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
-                             out=torch.empty_like(q1), num_splits=splits, **common)
+            if tier and cfg.offload.selection_cache:  # KV offload's selection cache: its variants too
+                from vllm_hip.kv_offload import alloc_selection_cache
+
+                cand.append(alloc_selection_cache(cfg, 2, num_kv_heads, D, dtype, device, cache))
+            for c in cand:
+                extra = {} if c is None else dict(cand=c, v_cache=v_cache, host_v_cache=tier["host_v_cache"])
+                th.hip_mask(q1, k_cache, bt, req, start, one, ws1, out=cache, out_row=req, active=one.bool(),
+                            groups=groups, coarse=one.bool(), **mask_tier, **extra)
+        for c in cand:
+            extra = {} if c is None else dict(cand=c, exact_blocks=cfg.mask_exact_blocks)
+            for splits in (None, 1):
+                th.hip_attention(q1, k_cache, v_cache, bt, seq, req, start, one, pos1, ws1, cache, indices_row=req,
+                                 out=torch.empty_like(q1), num_splits=splits, **common, **extra)
         # int64, as vLLM's slot mapping
         th.kv_write(key, key, k_cache, v_cache, torch.tensor([0, 1], device=device), **tier)
     if host_tier:  # the offload manager's page swap: one launch over tiers of the engine's page shape, moving nothing
