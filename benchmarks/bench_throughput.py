@@ -142,7 +142,7 @@ def worker(a) -> None:
             from vllm_hip import kv_offload
         except ImportError:
             return {}
-        return {f"offload_{k}": v for k, v in kv_offload.LAST_STATS.items() if k in ("hit_rate", "bytes_moved")}
+        return {f"offload_{k}": v for k, v in kv_offload.LAST_STATS.items() if k in ("hit_rate", "bytes_moved", "cache_bytes_filled")}
     g = torch.Generator().manual_seed(0)
     vocab = 4000 if a.smoke else 32000
 
@@ -349,6 +349,8 @@ def main() -> None:
     for r in rows:
         if "len" in r and "error" not in r:
             hit = f"  GPU hit rate {r['offload_hit_rate']:.3f}" if "offload_hit_rate" in r else ""
+            if r.get("offload_cache_bytes_filled"):
+                hit += f", selection cache filled {r['offload_cache_bytes_filled'] / 1e9:.1f} GB"
             step = r.get("full_batch_step_ms")
             full = r.get("full_batch_tok_s")
             print(f"{r['backend']:<11}{r['len']:>8}{r['n']:>6}{r['ttft_s']:>9.3f}{r['ttft_mean_s']:>12.3f}"

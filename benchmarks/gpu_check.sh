@@ -28,7 +28,7 @@
 # On the lent H200 one command may run 10 minutes, so run it in slices, back to back (the machine goes cold
 # after 30 s idle): `install`, then `kernels` and `vllm` side by side (`gpu_check.sh kernels & gpu_check.sh vllm;
 # wait`; not a `pgrep -f` loop, which matches its own shell and waits forever; `vllm` needs .cache/corpus and the
-# tiny model carried: 171 s and 192 s side by side on the H200, the 18 engine jobs of tests/test_gpu_vllm.py run 6 at a time),
+# tiny model carried: 171 s and 192 s side by side on the H200, the engine jobs of tests/test_gpu_vllm.py run 6 at a time),
 # `throughput` (354 s on 2026-12-02 after `install` and the kit, detokenize off), `offload` (HIP vs HIP_OFFLOAD only: ~7 min), `longest` in its own
 # command (LONGEST=1400000 LONGEST_HOST_GIB=72: 523 s, the most this machine holds), `profile` (158 s), `bench` (72 s),
 # `serve` (~6 min); `kernels` takes ~6.5 min (172 tests in 380 s on 2026-12-03, side by side with `vllm`, which took 271 s

@@ -263,6 +263,12 @@ def test_hit_statistics(device):
     assert (st["hits"], st["lookups"], st["pages_moved"], st["bytes_moved"]) == (5, 10, 4, 4000)
     st = res.read_stats()
     assert (st["hits"], st["lookups"], st["pages_moved"]) == (0, 0, 0)
+    # selection-cache fills: whole searches of decode requests, counted without a sync
+    res.count_cache_fills(torch.tensor([True, False, True], device=device))
+    res.count_cache_fills(torch.tensor([True], device=device))
+    st = res.read_stats(bytes_per_fill=100, reset=True)
+    assert (st["cache_fills"], st["cache_bytes_filled"], st["lookups"]) == (3, 300, 0)
+    assert res.read_stats()["cache_fills"] == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -358,11 +358,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             layer_kv = {n: compat.layer_kv_cache(self._vllm_config, n) for n in hip_layers}
             self._offload = HostTiers(cfg, layer_kv, page, self.device, write_moves=write_moves)
             self._selection_cache = None
+            self._fill_bytes = 0
             if cfg.offload.selection_cache:  # planned into the GPU budget by kv_offload.plan_offload
                 kv = next(iter(layer_kv.values()))
                 self._selection_cache = {
                     n: alloc_selection_cache(cfg, self.decode_state.cache_rows, self.num_kv_heads, kv.shape[-1] // 2,
                                              kv.dtype, self.device, self._mask_caches[n]) for n in hip_layers}
+                ck, cv, _ = next(iter(self._selection_cache.values()))
+                self._fill_bytes = len(hip_layers) * (ck[0].nbytes + cv[0].nbytes)  # one row, every layer
             cache = self._vllm_config.cache_config
             pool = (cache.num_gpu_blocks or 0) * max(1, cache.block_size // page)  # set where the core shares it
             if pool and pool != self._offload.residency.num_pages:
@@ -388,6 +391,8 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         res.touch(block_table.gather(1, cols.clamp(0, W - 1)), valid)
         # Key blocks the decode requests' cached masks selected (every HiP layer, one gather). Not with the
         # selection cache: decode reads them there, and promoting their pages would only cost PCIe bandwidth.
+        if decode is not None and self._selection_cache is not None:  # whole searches fill their rows (metrics)
+            res.count_cache_fills(decode.refresh & decode.coarse)
         if decode is not None and self._selection_cache is None:
             sel = self._mask_stack[:, decode.mask_row.long()].transpose(0, 1)  # [n, layers, Hkv, n_select]
             n = sel.shape[0]
@@ -400,7 +405,7 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         self._phys_slots[T:].fill_(-1)  # padded tokens of a captured batch write nothing
         self._offload_step += 1
         if self._offload_step % 64 == 0:  # counters copied without a sync; values of the previous copy
-            LAST_STATS.update(self._offload.stats())
+            LAST_STATS.update(self._offload.stats(self._fill_bytes))
             if self._offload_step % 1024 == 0:
                 logger.info("HiP KV offload: %s", LAST_STATS)
         return dict(kv_block_table=self._phys_bt[:R, :W], kv_slot_mapping=self._phys_slots,

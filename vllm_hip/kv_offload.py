@@ -214,5 +214,6 @@ class HostTiers:
         logger.info("HiP KV offload: %d layers x %d host pages (%.1f GiB pinned), %d GPU pages, %d moves/step",
                     len(layer_kv), H, H * page_bytes * len(layer_kv) / 2**30, G, cfg.offload.max_moves)
 
-    def stats(self) -> dict:
-        return self.residency.stats_async(self.page_bytes * len(self.pairs))
+    def stats(self, bytes_per_fill: int = 0) -> dict:
+        """Offload counters (``KVResidency.stats_async``); ``bytes_per_fill``: one selection-cache row, all layers."""
+        return self.residency.stats_async(self.page_bytes * len(self.pairs), bytes_per_fill)

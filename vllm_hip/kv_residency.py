@@ -51,14 +51,15 @@ class KVResidency:
         self._last_written = torch.full((num_pages + 1,), -1, dtype=torch.int64, device=dev)
         self.last_written = self._last_written[:num_pages]
         self.step = torch.zeros((), dtype=torch.int64, device=dev)
-        # hits, lookups, pages_moved in one buffer so stats_async needs a single copy.
-        self._counters = torch.zeros(3, dtype=torch.int64, device=dev)
+        # hits, lookups, pages_moved, cache fills in one buffer so stats_async needs a single copy.
+        self._counters = torch.zeros(4, dtype=torch.int64, device=dev)
         self.hits = self._counters[0]
         self.lookups = self._counters[1]
         self.pages_moved = self._counters[2]
+        self.cache_fills = self._counters[3]
         self._host_counters = None
         self._copy_event = None
-        self._async_values = (0, 0, 0)
+        self._async_values = (0, 0, 0, 0)
 
     # ----------------------------------------------------------------------------------------- translation
     def translate_block_table(self, block_table: torch.Tensor) -> torch.Tensor:
@@ -100,6 +101,11 @@ class KVResidency:
         ok = (s >= 0) & (pages < self.num_pages)
         idx = torch.where(ok, pages, torch.full_like(pages, self.num_pages))
         self._last_written.scatter_(0, idx, self.step.expand(idx.shape))
+
+    def count_cache_fills(self, flags: torch.Tensor) -> None:
+        """Count the rows of a selection cache (``hip.offload.selection_cache``) a step fills: its decode requests
+        whose refresh runs the whole search (``flags`` bool, one per request)."""
+        self.cache_fills.add_(flags.sum())
 
     def advance(self) -> None:
         self.step.add_(1)
@@ -149,32 +155,34 @@ class KVResidency:
         self.pages_moved.add_(2 * do.sum())
 
     # ----------------------------------------------------------------------------------------------- stats
-    def _stats(self, hits: int, lookups: int, moved: int, bytes_per_page: int) -> dict:
+    def _stats(self, hits: int, lookups: int, moved: int, fills: int, bytes_per_page: int,
+               bytes_per_fill: int) -> dict:
         return dict(hit_rate=hits / lookups if lookups else 0.0, hits=hits, lookups=lookups, pages_moved=moved,
                     bytes_moved=moved * bytes_per_page, device_pages=self.num_device_pages,
-                    host_pages=self.num_host_pages)
+                    host_pages=self.num_host_pages, cache_fills=fills, cache_bytes_filled=fills * bytes_per_fill)
 
-    def read_stats(self, bytes_per_page: int = 0, reset: bool = False) -> dict:
+    def read_stats(self, bytes_per_page: int = 0, reset: bool = False, bytes_per_fill: int = 0) -> dict:
         """Counters since the last reset (syncs: for logging, off the hot path). hit_rate is 0.0 before any
-        lookup; bytes_moved counts one page of ``bytes_per_page`` (all layers, K and V) per page moved."""
-        hits, lookups, moved = self._counters.tolist()
+        lookup; bytes_moved counts one page of ``bytes_per_page`` (all layers, K and V) per page moved;
+        cache_bytes_filled one selection-cache row of ``bytes_per_fill`` (all layers) per fill."""
+        hits, lookups, moved, fills = self._counters.tolist()
         if reset:
             self._counters.zero_()
-        return self._stats(hits, lookups, moved, bytes_per_page)
+        return self._stats(hits, lookups, moved, fills, bytes_per_page, bytes_per_fill)
 
-    def stats_async(self, bytes_per_page: int = 0) -> dict:
+    def stats_async(self, bytes_per_page: int = 0, bytes_per_fill: int = 0) -> dict:
         """Like ``read_stats`` without a sync: starts a copy of the counters and returns the values of the
         latest earlier copy known to be complete (zeros on the first call)."""
         if self._host_counters is None:
             pin = self.device.type == "cuda"
-            self._host_counters = torch.zeros(3, dtype=torch.int64, pin_memory=pin)
+            self._host_counters = torch.zeros(4, dtype=torch.int64, pin_memory=pin)
         if self._copy_event is None or self._copy_event.query():
             self._async_values = tuple(self._host_counters.tolist())  # host memory, written by a finished copy
         self._host_counters.copy_(self._counters, non_blocking=True)
         if self.device.type == "cuda":
             self._copy_event = torch.cuda.Event()
             self._copy_event.record()
-        return self._stats(*self._async_values, bytes_per_page)
+        return self._stats(*self._async_values, bytes_per_page, bytes_per_fill)
 
     # ------------------------------------------------------------------------------------------- test help
     def check(self) -> None:
