@@ -82,17 +82,19 @@ PAGE_BYTES = PAGE_TOKENS * LLAMA_8B["num_key_value_heads"] * LLAMA_8B["head_dim"
 def offload_config(a) -> dict:
     """hip.offload for HIP_OFFLOAD: with ``--offload-cap c``, the GPU holds c x the KV ``--offload-reqs`` requests
     of the longest prompt need, the rest (plus 2 %) in host memory; else ``--offload`` as given. The selection
-    cache (``hip.offload.selection_cache``, on unless ``--offload`` turns it off: ``max_seqs + 1`` mask rows of
-    k x ``mask_exact_blocks`` tokens' K and V per HiP layer) counts against the cap: GPU pages = the cap minus its
-    size in pages."""
+    cache (``max_seqs + 1`` mask rows of k x ``mask_exact_blocks`` tokens' K and V per HiP layer, used where it fits
+    ``hip.offload.selection_cache_gib``, as ``kv_offload.selection_cache_rows`` decides) counts against the cap: GPU
+    pages = the cap minus its size in pages."""
     off = json.loads(a.offload)
     if a.offload_cap:
         hip = json.loads(a.hip)
         hip_layers = LLAMA_8B["num_hidden_layers"] - len(hip.get("dense_layers", [0, 1, 2]))
         need = a.offload_reqs * -(-(max(a.lengths) + a.output_len) // PAGE_TOKENS)
         cap = int(a.offload_cap * need + 0.5)
-        sel_tokens = (a.max_seqs + 1) * hip.get("k", 1024) * hip.get("mask_exact_blocks", 8) \
-            if off.get("selection_cache", True) else 0
+        sel_tokens = (a.max_seqs + 1) * hip.get("k", 1024) * hip.get("mask_exact_blocks", 8)
+        sel_gib = sel_tokens * PAGE_BYTES // PAGE_TOKENS * hip_layers / 2**30
+        if not 0 < sel_gib <= off.get("selection_cache_gib", 16.0) or hip.get("mask_coarse_interval", 1) == 0:
+            sel_tokens = 0  # offload runs without it (the engine logs why)
         gpu = cap - -(-sel_tokens // PAGE_TOKENS)
         if gpu <= 0:
             raise SystemExit(f"--offload-cap {a.offload_cap}: {cap} pages per layer do not hold the selection cache "

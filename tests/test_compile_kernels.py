@@ -91,7 +91,7 @@ def test_warm_up_with_offload_launches_the_two_tier_variants(monkeypatch):
                         block_table_width=40, cfg=cfg, host_tier=True)
     assert {n for n, _ in seen} == {*tiered, "_swap_pages_kernel"}, seen
     assert {dict(v)["SPLIT"] for n, v in seen if n == "_hip_attn_kernel_tiered"} == {True, False}
-    # the selection cache's variants (hip.offload.selection_cache, on by default): staged mask and decode attention
+    # the selection cache's variants (hip.offload.selection_cache_gib > 0): staged mask and decode attention
     for kernel in ("_hip_mask_round_kernel_tiered", "_hip_attn_kernel_tiered"):
         assert {dict(v)["CAND"] for n, v in seen if n == kernel} == {True, False}, kernel
 

@@ -77,7 +77,7 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
                                         max_tokens=40, **eng)
         # without the selection cache: decode reads selected blocks from both tiers in place
         jobs[f"offload-tiers_{mode}"] = _spec(tiny_model, "HIP", dict(HIP_ACTIVE, offload=dict(
-            OFFLOAD, selection_cache=False)), prompts, max_tokens=40, **eng)
+            OFFLOAD, selection_cache_gib=0)), prompts, max_tokens=40, **eng)
     # The default stages the refresh (hip.mask_coarse_interval = 8 x the refresh interval: exact-only refreshes
     # between whole searches), so the plain_* jobs cover it; these cover the plain refresh (0: every refresh runs
     # the whole search), from full decode graphs and eagerly, and its kernel variants compiled at start-up

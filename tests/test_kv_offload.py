@@ -53,13 +53,13 @@ class Llama8BSpec:
 
 
 def test_plan_takes_the_selection_cache_out_of_the_gpu_budget():
-    """hip.offload.selection_cache: (max_num_seqs + 1) mask rows x k x mask_exact_blocks tokens of K and V per HiP
-    layer, 32 MiB per row and layer at the defaults with Llama-3.1-8B's KV heads; it counts in the GPU bytes, and
-    with gpu_blocks 0 the pages get what is left. Off, or with offload off, it costs nothing."""
+    """The selection cache: (max_num_seqs + 1) mask rows x k x mask_exact_blocks tokens of K and V per HiP layer,
+    32 MiB per row and layer at the defaults with Llama-3.1-8B's KV heads; it counts in the GPU bytes, and with
+    gpu_blocks 0 the pages get what is left. Off (selection_cache_gib 0) it costs nothing."""
     specs = {f"model.layers.{i}.self_attn.attn": Llama8BSpec() for i in range(32)}
     avail = 32 * PAGE * 4000
     on = plan_offload(_cfg(host_gib=1.0), specs, available_bytes=avail, max_num_seqs=6)
-    off = plan_offload(_cfg(host_gib=1.0, selection_cache=False), specs, available_bytes=avail, max_num_seqs=6)
+    off = plan_offload(_cfg(host_gib=1.0, selection_cache_gib=0), specs, available_bytes=avail, max_num_seqs=6)
     assert on.selection_cache_bytes == 29 * 7 * 32 * 2**20 and off.selection_cache_bytes == 0
     assert on.gpu_bytes() <= avail and off.gpu_bytes() <= avail
     fewer = off.device_pages - on.device_pages  # the cache's pages, shared out over the 32 layers' page budgets
@@ -67,7 +67,28 @@ def test_plan_takes_the_selection_cache_out_of_the_gpu_budget():
     explicit = plan_offload(_cfg(host_gib=1.0, gpu_blocks=100), specs, available_bytes=avail, max_num_seqs=6)
     assert explicit.gpu_bytes() == PAGE * (3 * explicit.num_pages + 29 * 100) + on.selection_cache_bytes
     with pytest.raises(HipConfigError, match=r"selection cache.*lower max_num_seqs"):
-        plan_offload(_cfg(host_gib=1.0), specs, available_bytes=avail, max_num_seqs=1000)
+        plan_offload(_cfg(host_gib=1.0), specs, available_bytes=avail, max_num_seqs=10)  # 10 GiB of cache, 8 in all
+
+
+def test_selection_cache_is_used_only_where_one_row_per_slot_fits_its_budget(caplog):
+    """Decided from the configuration and the model alone (the engine's plan and the workers' builders agree): on
+    with a row per decode slot within hip.offload.selection_cache_gib and the staged refresh on; otherwise off,
+    and the plan says why and what to change."""
+    from vllm_hip.kv_offload import selection_cache_rows
+
+    llama = dict(num_kv_heads=8, head_size=128, element_size=2, num_hip_layers=29)
+    assert selection_cache_rows(_cfg(host_gib=1.0), 6, **llama) == (7, None)  # 6.3 GiB <= 16
+    rows, why = selection_cache_rows(_cfg(host_gib=1.0), 256, **llama)  # 257 rows: 233 GiB
+    assert rows == 0 and "lower --max-num-seqs to 16" in why and "selection_cache_gib=16" in why
+    unstaged = HipConfig.from_dict({"offload": {"host_gib": 1.0}, "mask_coarse_interval": 0})
+    assert selection_cache_rows(unstaged, 6, **llama)[0] == 0
+    assert selection_cache_rows(_cfg(host_gib=1.0, selection_cache_gib=0), 6, **llama)[0] == 0
+    assert selection_cache_rows(_cfg(), 6, **llama)[0] == 0  # offload off
+    specs = {f"model.layers.{i}.self_attn.attn": Llama8BSpec() for i in range(32)}
+    with caplog.at_level("WARNING"):
+        plan = plan_offload(_cfg(host_gib=1.0), specs, available_bytes=32 * PAGE * 4000, max_num_seqs=256)
+    assert plan.selection_cache_bytes == 0
+    assert "without the selection cache" in caplog.text and "lower --max-num-seqs" in caplog.text
 
 
 @pytest.mark.parametrize("off,avail,message", [

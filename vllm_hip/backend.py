@@ -24,7 +24,14 @@ from vllm_hip.compat import (
 )
 from vllm_hip.config import HipConfig, HipConfigError, hip_config_from_vllm
 from vllm_hip.kernels.reference import make_query_blocks, mask_group_width, window_starts
-from vllm_hip.kv_offload import LAST_STATS, HostTiers, alloc_selection_cache, is_dense_layer, layer_index
+from vllm_hip.kv_offload import (
+    LAST_STATS,
+    HostTiers,
+    alloc_selection_cache,
+    is_dense_layer,
+    layer_index,
+    selection_cache_rows,
+)
 from vllm_hip.mask_state import DecodeMaskState
 
 logger = compat.init_logger(__name__)
@@ -160,7 +167,7 @@ class HipMetadata:
     kv_block_table: torch.Tensor | None = None
     kv_slot_mapping: torch.Tensor | None = None
     host_kv: dict[str, torch.Tensor] | None = None  # layer name -> host tier (UVA view), same layout as kv_cache
-    # hip.offload.selection_cache: layer name -> (keys, values, pick) of the decode rows' exact-stage candidates
+    # hip.offload.selection_cache_gib: layer name -> (keys, values, pick) of the decode rows' exact-stage candidates
     selection_cache: dict[str, tuple] | None = None
 
 
@@ -359,11 +366,14 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
             self._offload = HostTiers(cfg, layer_kv, page, self.device, write_moves=write_moves)
             self._selection_cache = None
             self._fill_bytes = 0
-            if cfg.offload.selection_cache:  # planned into the GPU budget by kv_offload.plan_offload
-                kv = next(iter(layer_kv.values()))
+            kv = next(iter(layer_kv.values()))
+            rows, _ = selection_cache_rows(cfg, sched.max_num_seqs, self.num_kv_heads, kv.shape[-1] // 2,
+                                           kv.element_size(), len(hip_layers))
+            if rows:  # planned into the GPU budget by kv_offload.plan_offload, which logs why when it is not used
+                assert rows == self.decode_state.cache_rows, "selection cache rows and mask rows disagree"
                 self._selection_cache = {
-                    n: alloc_selection_cache(cfg, self.decode_state.cache_rows, self.num_kv_heads, kv.shape[-1] // 2,
-                                             kv.dtype, self.device, self._mask_caches[n]) for n in hip_layers}
+                    n: alloc_selection_cache(cfg, rows, self.num_kv_heads, kv.shape[-1] // 2, kv.dtype, self.device,
+                                             self._mask_caches[n]) for n in hip_layers}
                 ck, cv, _ = next(iter(self._selection_cache.values()))
                 self._fill_bytes = len(hip_layers) * (ck[0].nbytes + cv[0].nbytes)  # one row, every layer
             cache = self._vllm_config.cache_config

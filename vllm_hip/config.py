@@ -31,14 +31,16 @@ class HipOffloadConfig:
     max_moves: int = 64
     """Pages swapped between host and GPU per step (promotions of recently used host pages). Pages a step
     writes (prefill chunks, decode tokens) move to the GPU first, on top of this budget."""
-    selection_cache: bool = True
-    """Keep, per decoding request and HiP layer, the keys and values of the candidates a whole search hands to the
-    exact stage in GPU memory (``mask_exact_blocks`` x ``k`` tokens: 32 MiB per request and layer at the defaults
-    with Llama-3.1-8B's 8 KV heads of 128, bf16). The search fills it from wherever the pages are; the exact-only
-    refreshes of the staged refresh and every decode step's attention then read selected blocks from it, not from
-    host memory, and the residency policy no longer chases the selection. Same keys, same tokens. Its memory
-    comes out of the GPU KV budget (``gpu_blocks`` is what is left for pages). Needs the staged refresh
-    (``mask_coarse_interval`` > 0)."""
+    selection_cache_gib: float = 16.0
+    """GPU memory the selection cache may take, GiB; 0 = off. The cache keeps, per decode slot (``max_num_seqs``,
+    or ``mask_cache_slots``) and HiP layer, the keys and values of the candidates a whole search hands to the exact
+    stage (``mask_exact_blocks`` x ``k`` tokens: 32 MiB per slot and layer at the defaults with Llama-3.1-8B's 8 KV
+    heads of 128, bf16). The search fills it from wherever the pages are; the exact-only refreshes of the staged
+    refresh and every decode step's attention then read selected blocks from it, not from host memory, and the
+    residency policy no longer chases the selection. Same keys, same tokens. It is used when one row per slot fits
+    this budget and the staged refresh is on (``mask_coarse_interval`` > 0); otherwise offload runs without it and
+    says why at start-up (e.g. lower ``--max-num-seqs``). Its memory comes out of the GPU KV budget
+    (``gpu_blocks`` is what is left for pages)."""
 
     @property
     def enabled(self) -> bool:
@@ -238,12 +240,9 @@ class HipConfig:
         if any(i < 0 for i in self.dense_layers):
             raise HipConfigError(f"hip.dense_layers must hold non-negative indices, got {list(self.dense_layers)}")
         off = self.offload
-        if off.gpu_blocks < 0 or off.host_gib < 0 or off.max_moves < 0:
-            raise HipConfigError("hip.offload.gpu_blocks, hip.offload.host_gib and hip.offload.max_moves must be >= 0")
-        if off.enabled and off.selection_cache and not self.mask_coarse_interval:
-            raise HipConfigError("hip.offload.selection_cache needs the staged refresh (hip.mask_coarse_interval > 0, "
-                                 "with hip.mask_exact_blocks > 1): set hip.offload.selection_cache to false, or leave "
-                                 "hip.mask_coarse_interval at its default")
+        if off.gpu_blocks < 0 or off.host_gib < 0 or off.max_moves < 0 or off.selection_cache_gib < 0:
+            raise HipConfigError("hip.offload.gpu_blocks, hip.offload.host_gib, hip.offload.max_moves and "
+                                 "hip.offload.selection_cache_gib must be >= 0")
         if off.gpu_blocks and not off.host_gib:
             raise HipConfigError("hip.offload.gpu_blocks is set but hip.offload.host_gib is 0: set host_gib (GiB of "
                                  "pinned host memory for KV) to enable offload")
@@ -268,15 +267,15 @@ def _parse_offload(value) -> HipOffloadConfig:
     gb = value.get("gpu_blocks", 0)
     hg = value.get("host_gib", 0.0)
     mm = value.get("max_moves", HipOffloadConfig.max_moves)
-    sc = value.get("selection_cache", HipOffloadConfig.selection_cache)
+    sc = value.get("selection_cache_gib", HipOffloadConfig.selection_cache_gib)
     for name, v in (("gpu_blocks", gb), ("max_moves", mm)):
         if not _is_int(v):
             raise HipConfigError(f"hip.offload.{name} must be an integer, got {v!r}")
     if not isinstance(hg, (int, float)) or isinstance(hg, bool):
         raise HipConfigError(f"hip.offload.host_gib must be a number, got {hg!r}")
-    if not isinstance(sc, bool):
-        raise HipConfigError(f"hip.offload.selection_cache must be true or false, got {sc!r}")
-    return HipOffloadConfig(host_gib=float(hg), gpu_blocks=int(gb), max_moves=int(mm), selection_cache=sc)
+    if not isinstance(sc, (int, float)) or isinstance(sc, bool):
+        raise HipConfigError(f"hip.offload.selection_cache_gib must be a number (GiB; 0 = off), got {sc!r}")
+    return HipOffloadConfig(host_gib=float(hg), gpu_blocks=int(gb), max_moves=int(mm), selection_cache_gib=float(sc))
 
 
 def hip_config_from_vllm(vllm_config) -> HipConfig:

@@ -38,7 +38,7 @@ class OffloadPlan:
     dense_layers: tuple[str, ...]
     device_pages: int  # G: pages of each HiP layer in GPU memory
     host_pages: int  # H: pages of each HiP layer in host memory
-    selection_cache_bytes: int = 0  # hip.offload.selection_cache, all HiP layers and mask rows
+    selection_cache_bytes: int = 0  # hip.offload.selection_cache_gib: all HiP layers and mask rows (0: not used)
 
     @property
     def num_pages(self) -> int:
@@ -58,11 +58,26 @@ def selection_cache_tokens(cfg: HipConfig) -> int:
     return cfg.n_select * cfg.mask_exact_blocks * cfg.block_size_k
 
 
-def selection_cache_bytes(cfg: HipConfig, rows: int, num_kv_heads: int, head_size: int, element_size: int) -> int:
-    """GPU bytes of one HiP layer's selection cache (keys and values) for ``rows`` mask rows; 0 when it is off."""
-    if not (cfg.offload.enabled and cfg.offload.selection_cache):
-        return 0
-    return rows * num_kv_heads * selection_cache_tokens(cfg) * 2 * head_size * element_size
+def selection_cache_rows(cfg: HipConfig, max_num_seqs: int, num_kv_heads: int, head_size: int, element_size: int,
+                         num_hip_layers: int) -> tuple[int, str | None]:
+    """Whether offload keeps a selection cache: ``(rows, None)`` with one row per mask row (the decode slots plus
+    the trash row), or ``(0, why not)``. Decided from the configuration and the model alone, so the engine's plan
+    and every worker's metadata builder decide the same."""
+    if not cfg.offload.enabled:
+        return 0, "KV offload is off"
+    if not cfg.mask_coarse_interval:
+        return 0, "it needs the staged refresh (hip.mask_coarse_interval > 0 with hip.mask_exact_blocks > 1)"
+    budget = cfg.offload.selection_cache_gib
+    if budget <= 0:
+        return 0, "hip.offload.selection_cache_gib is 0"
+    rows = mask_rows(cfg, max_num_seqs)
+    per_row = num_hip_layers * num_kv_heads * selection_cache_tokens(cfg) * 2 * head_size * element_size
+    if rows * per_row > budget * 2**30:
+        fit = int(budget * 2**30 // per_row) - 1
+        return 0, (f"one row per decode slot needs {rows * per_row / 2**30:.1f} GiB for {rows - 1} slots "
+                   f"(max_num_seqs or hip.mask_cache_slots), more than hip.offload.selection_cache_gib={budget:g}; "
+                   f"lower --max-num-seqs to {max(fit, 0)} or raise hip.offload.selection_cache_gib")
+    return rows, None
 
 
 def alloc_selection_cache(cfg: HipConfig, rows: int, num_kv_heads: int, head_size: int, dtype, device, pick_like):
@@ -115,9 +130,13 @@ def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int, max_nu
         raise HipConfigError(f"hip.offload.host_gib={cfg.offload.host_gib} holds no KV page "
                              f"({page_bytes * len(hip)} bytes per page over {len(hip)} HiP layers); raise it")
     spec = layer_specs[hip[0]]
-    sel = len(hip) * selection_cache_bytes(
-        cfg, mask_rows(cfg, max_num_seqs), getattr(spec, "num_kv_heads", 0), getattr(spec, "head_size", 0),
-        getattr(getattr(spec, "dtype", None), "itemsize", 2))
+    heads, hs = getattr(spec, "num_kv_heads", 0), getattr(spec, "head_size", 0)
+    elt = getattr(getattr(spec, "dtype", None), "itemsize", 2)
+    rows, why_not = selection_cache_rows(cfg, max_num_seqs, heads, hs, elt, len(hip))
+    if why_not and cfg.offload.selection_cache_gib > 0:
+        logger.warning("HiP KV offload runs without the selection cache (decode then reads selected blocks from "
+                       "host memory, much slower): %s", why_not)
+    sel = len(hip) * rows * heads * selection_cache_tokens(cfg) * 2 * hs * elt
     avail_pages = (available_bytes - sel) // page_bytes
     if cfg.offload.gpu_blocks:
         G = cfg.offload.gpu_blocks
@@ -129,9 +148,8 @@ def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int, max_nu
             f"hip.offload does not fit in the GPU KV memory vLLM found ({available_bytes / 2**30:.2f} GiB): "
             f"{len(dense)} dense layers keep all {G + H} pages on the GPU and {len(hip)} HiP layers {G} pages, "
             f"plus {sel / 2**30:.2f} GiB of selection cache: {plan.gpu_bytes() / 2**30:.2f} GiB. Lower "
-            f"hip.offload.gpu_blocks or hip.offload.host_gib, use fewer hip.dense_layers, lower max_num_seqs (the "
-            f"selection cache grows with it) or set hip.offload.selection_cache to false, or raise "
-            f"--gpu-memory-utilization")
+            f"hip.offload.gpu_blocks or hip.offload.host_gib, use fewer hip.dense_layers, lower max_num_seqs or "
+            f"hip.offload.selection_cache_gib (the selection cache), or raise --gpu-memory-utilization")
     return plan
 
 

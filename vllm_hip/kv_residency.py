@@ -103,7 +103,7 @@ class KVResidency:
         self._last_written.scatter_(0, idx, self.step.expand(idx.shape))
 
     def count_cache_fills(self, flags: torch.Tensor) -> None:
-        """Count the rows of a selection cache (``hip.offload.selection_cache``) a step fills: its decode requests
+        """Count the rows of a selection cache (``hip.offload.selection_cache_gib``) a step fills: its decode requests
         whose refresh runs the whole search (``flags`` bool, one per request)."""
         self.cache_fills.add_(flags.sum())
 

@@ -209,7 +209,7 @@ def compile_kernels(device, dtype, *, num_heads: int, num_kv_heads: int, head_si
         if cfg.mask_coarse_interval:  # the staged refresh's variant (per-round path, group caches)
             width = ref.mask_group_width(cfg.n_select)
             groups = tuple(torch.zeros((2, num_kv_heads, width), dtype=torch.int32, device=device) for _ in range(2))
-            if tier and cfg.offload.selection_cache:  # KV offload's selection cache: its variants too
+            if tier and cfg.offload.selection_cache_gib > 0:  # KV offload's selection cache: its variants too
                 from vllm_hip.kv_offload import alloc_selection_cache
 
                 cand.append(alloc_selection_cache(cfg, 2, num_kv_heads, D, dtype, device, cache))
