@@ -22,6 +22,11 @@ tensor), read and written in place. Each op then launches a ``*_tiered`` kernel:
 with the constexpr ``TIERED`` set, which picks the tier per cache row. Without a host tier the original kernels
 run, with their original arguments: same compiled code, same launch cost.
 
+KV offload's selection cache (``hip_mask(cand=...)``, ``hip_attention(cand=...)``, two-tier staged decode only): a
+whole search's exact round also copies its candidates' keys and values into a per-(mask row, KV head) GPU buffer;
+the exact-only refreshes score those keys and the attention reads selected blocks there, so decode between whole
+searches reads no host memory. Same values, same order: the same selections and outputs.
+
 On sm_90 and newer every kernel is launched with programmatic dependent launch (``_pdl``): the next grid of the
 stream starts launching while the current one runs, and each kernel's first instruction waits for its predecessor
 to finish (``_gdc_enter``), so results are those of plain stream order. That hides part of the launch latency of

@@ -399,10 +399,10 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         cols = torch.cat([last - self._window_cols[None], self._sink_cols[None].expand(R, -1)], 1)
         valid = (cols >= 0) & (cols * page < L[:, None])
         res.touch(block_table.gather(1, cols.clamp(0, W - 1)), valid)
-        # Key blocks the decode requests' cached masks selected (every HiP layer, one gather). Not with the
-        # selection cache: decode reads them there, and promoting their pages would only cost PCIe bandwidth.
         if decode is not None and self._selection_cache is not None:  # whole searches fill their rows (metrics)
             res.count_cache_fills(decode.refresh & decode.coarse)
+        # Key blocks the decode requests' cached masks selected (every HiP layer, one gather). Not with the
+        # selection cache: decode reads them there, and promoting their pages would only cost PCIe bandwidth.
         if decode is not None and self._selection_cache is None:
             sel = self._mask_stack[:, decode.mask_row.long()].transpose(0, 1)  # [n, layers, Hkv, n_select]
             n = sel.shape[0]

@@ -15,6 +15,10 @@ How it fits into vLLM without touching its scheduler:
   least recently used GPU pages, and the block table / slot mapping handed to the HiP kernels are translated.
   The permutation makes block accounting trivial: every logical page is stored exactly once, vLLM's frees and
   preemptions need no hook, and nothing can leak or be freed twice.
+* Selection cache (``hip.offload.selection_cache_gib``; ``selection_cache_rows`` decides, ``alloc_selection_cache``
+  allocates): per decode slot and HiP layer, the keys and values of the candidates the last whole search handed
+  to the exact stage, on the GPU, so decode steps between whole searches read no host memory. Its bytes come out
+  of the plan's GPU budget.
 """
 from __future__ import annotations
 
