@@ -15,7 +15,8 @@
 # pdl         bench_kernels.py --pdl-sweep: one HiP decode layer's launches (KV write, mask, attention) in a CUDA graph
 #             with programmatic dependent launch off and on (refreshing, exact-only, idle), at 32K/128K, batch 1/6/16.
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
-# offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the GPU KV pool capped at 20 % of 6 x 128K requests.
+# offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the HiP layers' GPU KV (pages + selection cache) capped at 20 %
+#             of what 6 x 128K requests need (425 s on 2026-12-03, 77.6 GiB pinned).
 # longest     the longest single request HIP_OFFLOAD serves (LONGEST, default 1.4M tokens; LONGEST_HOST_GIB, default 72).
 # serve       benchmarks/serve_bench.sh on the same dummy Llama-3.1-8B (vllm serve + vllm bench serve, 32K).
 # staged      HIP alone at 6 x 128K, full batch, with the staged refresh (hip.mask_coarse_interval, STAGED_COARSE,
