@@ -82,23 +82,26 @@ PAGE_BYTES = PAGE_TOKENS * LLAMA_8B["num_key_value_heads"] * LLAMA_8B["head_dim"
 def offload_config(a) -> dict:
     """hip.offload for HIP_OFFLOAD: with ``--offload-cap c``, the GPU holds c x the KV ``--offload-reqs`` requests
     of the longest prompt need, the rest (plus 2 %) in host memory; else ``--offload`` as given. The selection
-    cache (``max_seqs + 1`` mask rows of k x ``mask_exact_blocks`` tokens' K and V per HiP layer, used where it fits
-    ``hip.offload.selection_cache_gib``, as ``kv_offload.selection_cache_rows`` decides) counts against the cap: GPU
-    pages = the cap minus its size in pages."""
+    cache (``max_seqs + 1`` mask rows of k x ``mask_exact_blocks`` tokens' K and V per HiP layer, where
+    ``kv_offload.selection_cache_rows`` uses it, as the engine will) counts against the cap: GPU pages = the cap
+    minus its size in pages."""
     off = json.loads(a.offload)
     if a.offload_cap:
         hip = json.loads(a.hip)
         hip_layers = LLAMA_8B["num_hidden_layers"] - len(hip.get("dense_layers", [0, 1, 2]))
         need = a.offload_reqs * -(-(max(a.lengths) + a.output_len) // PAGE_TOKENS)
         cap = int(a.offload_cap * need + 0.5)
-        sel_tokens = (a.max_seqs + 1) * hip.get("k", 1024) * hip.get("mask_exact_blocks", 8)
-        sel_gib = sel_tokens * PAGE_BYTES // PAGE_TOKENS * hip_layers / 2**30
-        if not 0 < sel_gib <= off.get("selection_cache_gib", 16.0) or hip.get("mask_coarse_interval", 1) == 0:
-            sel_tokens = 0  # offload runs without it (the engine logs why)
-        gpu = cap - -(-sel_tokens // PAGE_TOKENS)
+        from vllm_hip.config import HipConfig
+        from vllm_hip.kv_offload import selection_cache_row_bytes, selection_cache_rows
+
+        cfg = HipConfig.from_dict(dict(hip, offload=dict(off, host_gib=off.get("host_gib") or 1.0)))
+        shape = (LLAMA_8B["num_key_value_heads"], LLAMA_8B["head_dim"], 2, hip_layers)  # bf16
+        rows, _ = selection_cache_rows(cfg, a.max_seqs, *shape)  # 0 where the engine runs without it
+        sel_pages = -(-rows * selection_cache_row_bytes(cfg, *shape) // (PAGE_BYTES * hip_layers))  # per layer
+        gpu = cap - sel_pages
         if gpu <= 0:
             raise SystemExit(f"--offload-cap {a.offload_cap}: {cap} pages per layer do not hold the selection cache "
-                             f"of {a.max_seqs} requests ({sel_tokens} tokens)")
+                             f"of {a.max_seqs} requests ({sel_pages} pages per layer)")
         off["gpu_blocks"] = gpu
         off["host_gib"] = round((need - gpu) * 1.02 * PAGE_BYTES * hip_layers / 2**30, 2)
     return off

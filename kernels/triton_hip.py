@@ -1355,18 +1355,16 @@ def hip_attention(
     tiered = _is_tiered(host_k_cache)
     tier = (*_tier_args(k_cache, host_k_cache), *_tier_args(v_cache, host_v_cache), k_cache.shape[0]) if tiered else ()
     cand_meta = {}
-    if tiered:
+    if tiered:  # the two-tier kernel also takes the selection cache (dummies without ``cand``)
+        exact = max(1, int(exact_blocks)) if cand is not None else 1
+        cand_meta = dict(CAND=cand is not None, EXACT=exact)
         if cand is None:
             tier = (*tier, indices, 0, 0, 0, 0, 0, 0, 0, 0)
         else:
-            exact = max(1, int(exact_blocks))
             _check_cand(cand, k_cache, v_cache, n * exact * int(block_size_k), indices)
             ck, cv, pick = cand
             tier = (*tier, pick, _rel_offset(ck, k_cache), _rel_offset(cv, v_cache), *ck.stride()[:3],
                     *cv.stride()[:3])
-            cand_meta = dict(EXACT=exact)
-        cand_meta["CAND"] = cand is not None
-        cand_meta.setdefault("EXACT", 1)
     else:
         assert cand is None, "the selection cache (cand) is for two-tier caches (KV offload) only"
     pdl_opts = _pdl(dev, pdl)

@@ -62,6 +62,12 @@ def selection_cache_tokens(cfg: HipConfig) -> int:
     return cfg.n_select * cfg.mask_exact_blocks * cfg.block_size_k
 
 
+def selection_cache_row_bytes(cfg: HipConfig, num_kv_heads: int, head_size: int, element_size: int,
+                              num_hip_layers: int) -> int:
+    """GPU bytes of one selection-cache row (one decode slot) over all HiP layers, keys and values."""
+    return num_hip_layers * num_kv_heads * selection_cache_tokens(cfg) * 2 * head_size * element_size
+
+
 def selection_cache_rows(cfg: HipConfig, max_num_seqs: int, num_kv_heads: int, head_size: int, element_size: int,
                          num_hip_layers: int) -> tuple[int, str | None]:
     """Whether offload keeps a selection cache: ``(rows, None)`` with one row per mask row (the decode slots plus
@@ -75,7 +81,7 @@ def selection_cache_rows(cfg: HipConfig, max_num_seqs: int, num_kv_heads: int, h
     if budget <= 0:
         return 0, "hip.offload.selection_cache_gib is 0"
     rows = mask_rows(cfg, max_num_seqs)
-    per_row = num_hip_layers * num_kv_heads * selection_cache_tokens(cfg) * 2 * head_size * element_size
+    per_row = selection_cache_row_bytes(cfg, num_kv_heads, head_size, element_size, num_hip_layers)
     if rows * per_row > budget * 2**30:
         fit = int(budget * 2**30 // per_row) - 1
         return 0, (f"one row per decode slot needs {rows * per_row / 2**30:.1f} GiB for {rows - 1} slots "
@@ -118,7 +124,7 @@ def is_dense_layer(cfg: HipConfig, layer_name: str) -> bool:
 
 def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int, max_num_seqs: int = 1) -> OffloadPlan:
     """Split of the KV pool between GPU and host memory; raises ``HipConfigError`` naming the fix. The selection
-    cache (``hip.offload.selection_cache``, for ``max_num_seqs`` decoding requests) comes out of the GPU budget."""
+    cache (``hip.offload.selection_cache_gib``, for ``max_num_seqs`` decoding requests) comes out of the GPU budget."""
     pages = {getattr(s, "page_size_bytes", None) for s in layer_specs.values()}
     if len(pages) != 1 or None in pages:
         raise HipConfigError("hip.offload supports models whose attention layers all have one KV page size "
@@ -140,7 +146,7 @@ def plan_offload(cfg: HipConfig, layer_specs: dict, available_bytes: int, max_nu
     if why_not and cfg.offload.selection_cache_gib > 0:
         logger.warning("HiP KV offload runs without the selection cache (decode then reads selected blocks from "
                        "host memory, much slower): %s", why_not)
-    sel = len(hip) * rows * heads * selection_cache_tokens(cfg) * 2 * hs * elt
+    sel = rows * selection_cache_row_bytes(cfg, heads, hs, elt, len(hip))
     avail_pages = (available_bytes - sel) // page_bytes
     if cfg.offload.gpu_blocks:
         G = cfg.offload.gpu_blocks
