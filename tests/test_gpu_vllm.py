@@ -64,10 +64,13 @@ def _jobs(tiny_model, prompts, smollm2) -> dict:
     # control is therefore the same compiled model with CUDA graphs off, so only graph replay differs.
     rows = dict(dtype="bfloat16", max_num_batched_tokens=256, enable_prefix_caching=False, enforce_eager=False)
     rows_hip = dict(HIP_ACTIVE, dense_below_seq_len=600)
-    jobs["hip_dense_rows_eager"] = _spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40,
-                                         compilation_config={"cudagraph_mode": "NONE"}, **rows)
-    jobs["hip_dense_rows_graphs"] = _spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40,
-                                          compilation_config=graphs["compilation_config"], **rows)
+    # 4 prompts: below the batch from which the hand-over runs by default (backend.HAND_OVER_MIN_ROWS), so lowered
+    jobs["hip_dense_rows_eager"] = dict(_spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40,
+                                              compilation_config={"cudagraph_mode": "NONE"}, **rows),
+                                        hand_over_min_rows=2)
+    jobs["hip_dense_rows_graphs"] = dict(_spec(tiny_model, "HIP", rows_hip, prompts, max_tokens=40,
+                                               compilation_config=graphs["compilation_config"], **rows),
+                                         hand_over_min_rows=2)
     for runner, env in (("model-runner-v2", "1"), ("model-runner-v1", "0")):
         jobs[f"hip_exact_{runner}"] = (_spec(tiny_model, "HIP", dict(HIP_ACTIVE, k=4096), prompts, **chunked),
                                        {"VLLM_USE_V2_MODEL_RUNNER": env})

@@ -171,20 +171,21 @@ def test_decode_batches_without_full_cuda_graph_are_named():
     assert compat.full_decode_graph_sizes(cfg(CUDAGraphMode.FULL_AND_PIECEWISE, default, 6, eager=True)) is None
 
 
-def test_short_rows_of_one_request_batches_stay_on_the_hip_kernel():
-    """The hand-over of short decode rows to FlashAttention is left out of batches that replay the full graph of
-    batch size 1 (there its call is mostly empty and costs more than it saves); the decision follows the graph a
-    batch replays, so a batch of one padded into the graph of 2 hands over as that graph was captured."""
+def test_short_rows_of_small_batches_stay_on_the_hip_kernel():
+    """The hand-over of short decode rows to FlashAttention is left out of batches that replay full graphs of up
+    to 8 rows (there its call is mostly empty and costs more than it saves); the decision follows the graph a
+    batch replays, so a batch of 8 padded into the graph of 16 hands over as that graph was captured."""
     from types import SimpleNamespace
 
-    from vllm_hip.backend import HipMetadataBuilder
+    from vllm_hip.backend import HAND_OVER_MIN_ROWS, HipMetadataBuilder
 
     def pays(sizes, n):
         return HipMetadataBuilder._hand_over_pays(SimpleNamespace(_graph_sizes=sizes), n)
 
-    assert [pays([1, 2, 4, 8], n) for n in (1, 2, 3, 8, 9)] == [False, True, True, True, True]
-    assert pays([2, 4], 1), "replayed in the graph of 2, captured with the hand-over"
-    assert [pays([], n) for n in (1, 2)] == [False, True]  # eager: one request alone never hands over
+    assert HAND_OVER_MIN_ROWS == 9
+    assert [pays([1, 2, 4, 8, 16], n) for n in (1, 2, 3, 8, 9, 16, 17)] == [False] * 4 + [True] * 3
+    assert pays([16], 8), "replayed in the graph of 16, captured with the hand-over"
+    assert [pays([], n) for n in (1, 8, 9)] == [False, False, True]  # eager: by the batch itself
 
 
 def test_flash_decode_splits_fill_one_wave_of_the_sms():
@@ -206,7 +207,7 @@ def test_short_decode_rows_go_to_flash_attention(tiny_model, prompts):
     # prompts of ~40 and ~350 tokens dense, ~900 through HiP; layer 0 dense
     hip = dict(HIP_ACTIVE, dense_below_seq_len=600, dense_layers=[0])
     spec = _spec(tiny_model, "HIP", hip, prompts[:3], max_num_batched_tokens=128)
-    spec.update(max_tokens=8, force_triton=True)
+    spec.update(max_tokens=8, force_triton=True, hand_over_min_rows=2)  # 3 requests: a batch too small by default
     want = run_vllm(spec)["tokens"]
     got = run_vllm(dict(spec, fake_flash_attn=True))
     assert got["fa_decode_calls"] > 0 and got["fa_decode_rows"] > 0

@@ -12,6 +12,8 @@ kwargs), ``prompts`` (texts), ``max_tokens``, and ``mode``:
 ``fake_flash_attn`` (with ``force_triton``): a torch stand-in for vLLM's FlashAttention (tests/flash_attn_ref.py),
 accepting fp32, so the backend's FlashAttention paths run on CPU; the result counts its decode-shaped calls and
 the rows they served (``fa_decode_calls``, ``fa_decode_rows``).
+``hand_over_min_rows``: the smallest decode batch (graph size) whose HiP layers hand short rows to FlashAttention
+(``backend.HAND_OVER_MIN_ROWS``, 9), lowered so a test's few prompts take that path.
 ``hip.record_stats``: the result carries ``attended``, the fraction of causal keys attended in prefill and decode.
 ``kernel_keys`` (with ``force_triton``): record every kernel launch's compile key (tests/kernel_keys.py) and
 report, as ``new_kernel_variants``, launches after start-up that would compile a new kernel on a GPU.
@@ -46,6 +48,10 @@ def run(spec: dict) -> dict:
 
         compat.flash_attn_varlen = lambda: (fake_fa, 3)
         backend.FLASH_ATTN_DTYPES = (torch.float32,)
+    if spec.get("hand_over_min_rows"):
+        import vllm_hip.backend as backend
+
+        backend.HAND_OVER_MIN_ROWS = int(spec["hand_over_min_rows"])
     keys: list = []
     if spec.get("kernel_keys"):
         import kernel_keys

@@ -137,6 +137,14 @@ class DensePrefill:
     num_splits: int = 0  # FlashAttention-3's split-K count (0: its own heuristic); decode calls set it
 
 
+# Decode batches (graph sizes) from which a HiP layer hands its short rows (at most hip.dense_below_seq_len) to
+# FlashAttention. The call costs 7-9 us per HiP layer and step on the H200 even when no row is short (29 layers: ~0.25
+# ms of a 9 ms step at 128K x 6); in graphs of up to 8 rows the HiP kernel attends rows of 4K-16K densely within
+# -10/+8 % of it (16K: 110.8 against 123.1 us for 6 rows in the graph of 8), while at 16 rows FlashAttention is
+# 1.3x faster (8K: 131 against 174 us). bench_decode_splits.py --dense, BENCHMARKS.md §2.
+HAND_OVER_MIN_ROWS = 9
+
+
 def fa_decode_splits(rows: int, num_kv_heads: int, num_sms: int) -> int:
     """FlashAttention-3 split count for a decode call of ``rows`` requests (one query token each): as many splits
     as keep its CTAs (``rows x kv heads x splits``, query heads packed per KV head) within one wave of the SMs.
@@ -228,11 +236,10 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         # Decode rows at or below hip.dense_below_seq_len in HiP layers: FlashAttention too (one more launch per
         # layer and step; the HiP kernels skip those rows). Offloaded layers have host pages FA cannot address.
         self._dense_rows_fa = self._fa_ok and self.cfg.dense_below_seq_len > 0 and not self.cfg.offload.enabled
-        # ... except in decode batches of one request, whose graph holds that call (its prepare, forward and
-        # combine kernels) whether or not the row is short. On the H200 the prepare and combine kernels alone take
-        # 4.4 us per layer and step (128K profile), while the HiP kernel serves an 8K row densely in 19.7 us against
-        # FlashAttention's 16.1 (bench_kernels, batch 1). The choice follows the size of the graph a batch replays,
-        # so capture and replay agree.
+        # ... except in decode batches of up to 8 requests (HAND_OVER_MIN_ROWS), whose graph holds that call (its
+        # prepare, forward and combine kernels) whether or not a row is short, and where the HiP kernel attends short
+        # rows densely about as fast. The choice follows the size of the graph a batch replays, so capture and
+        # replay agree.
         self._graph_sizes = compat.full_decode_graph_sizes(vllm_config) or []
         if ops.on_triton(self.no_indices):  # compile the HiP kernels now, not in the first long request's steps
             t0 = time.perf_counter()
@@ -476,10 +483,10 @@ class HipMetadataBuilder(AttentionMetadataBuilder[HipMetadata]):
         )
 
     def _hand_over_pays(self, n: int) -> bool:
-        """Whether a step of ``n`` decode requests hands its short rows to FlashAttention: not when it replays
-        (or would replay) the full graph of batch size 1. Decided on the graph's size, not on ``n``, so a batch
-        padded into a larger graph decides as that graph's capture did."""
-        return next((s for s in self._graph_sizes if s >= n), n) >= 2
+        """Whether a step of ``n`` decode requests hands its short rows to FlashAttention: only when it replays
+        (or would replay) a graph of more than ``HAND_OVER_MIN_ROWS`` - 1 rows. Decided on the graph's size, not on
+        ``n``, so a batch padded into a larger graph decides as that graph's capture did."""
+        return next((s for s in self._graph_sizes if s >= n), n) >= HAND_OVER_MIN_ROWS
 
     def _prefill_blocks(self, qsl_cpu, q_lens, reqs, seq_lens, seq_lens_host) -> QueryBlocks:
         cfg = self.cfg
