@@ -3,15 +3,19 @@ the graph of 8), the engine's HiP budget, and the split-K count ``hip_attention`
 
 Why: a decode step of 6 x 128K replays the graph of 8, so 2 of the 8 rows are padding (length 0, no keys). The split
 count was tuned at 6 rows (sweep_prefill.py), and bench_dense_decode.py saw our dense kernel 1.65x slower with the
-2 padding rows than without them. Two parts:
+2 padding rows than without them. Three parts:
   * sparse: HiP decode attention (k 1024, block 8, window 2048, sink 128: 3,200 keys per row and head) over a mask
     from ``hip_mask``, at (requests, graph rows) = (1, 1), (6, 8), (16, 16), by split count and pipeline stages;
   * dense (``--dense``): rows at or below ``hip.dense_below_seq_len`` in graphs of 2-8: FlashAttention-3 as the
     backend's hand-over calls it (static ``max_seqlen_k`` 16K, ``fa_decode_splits``) against our kernel reading
-    every key, for whether the hand-over pays in small graphs.
+    every key, for whether the hand-over pays in small graphs;
+  * mask (``--mask``): a decode layer's mask launches in the staged refresh (whole search, exact-only over stored
+    groups, idle; every row or one row refreshing). At c11511a this part also compared the rounds' top-n settling
+    1, 2 or 4 threshold bits per pass (1 was the fastest; the others were removed).
 Each variant's output is compared with the default's (max abs difference), so a fast wrong variant cannot win.
 
-Usage (GPU; ``--dense`` needs vLLM on PYTHONPATH): ``python benchmarks/bench_decode_splits.py [--dense] [--log F]``.
+Usage (GPU; ``--dense`` needs vLLM on PYTHONPATH):
+``python benchmarks/bench_decode_splits.py [--dense] [--mask] [--log F]``.
 """
 import argparse
 import datetime
@@ -140,22 +144,15 @@ def main() -> None:
                        "idle": torch.zeros_like(real)}
                 coarse = {c: torch.full((rows,), c, dtype=torch.bool, device=dev) for c in (0, 1)}
 
-                def run(who, c, bits):
+                def run(who, c):
                     hip_mask(q, kc, bt, qb[0], qb[1], qb[2], ws, out=idx, out_row=rows_, active=act[who],
-                             groups=groups, coarse=coarse[c], topn_bits=bits, **mk)
+                             groups=groups, coarse=coarse[c], **mk)
                 res = []
                 for who, c in (("every row", 1), ("every row", 0), ("one row", 1), ("one row", 0), ("idle", 0)):
-                    got = {}
-                    for bits in (1, 2, 4):
-                        run("every row", 1, 1)  # the whole search stores the groups the exact-only refresh reads
-                        idx.fill_(-1)
-                        t = us(lambda: run(who, c, bits))
-                        got[bits] = (t, idx.clone())
-                    same = all(torch.equal(v[1], got[1][1]) for v in got.values())
+                    run("every row", 1)  # the whole search stores the groups the exact-only refresh reads
                     kind = "whole search" if c else "exact-only" if who != "idle" else "no refresh"
-                    res.append(f"{kind} {who}: " + ", ".join(f"bits {b} {v[0]:.1f}" for b, v in got.items())
-                               + ("" if same else " (INDICES DIFFER)"))
-                log(f"mask T={T} B={B} rows={rows} us by top-n bits: " + "; ".join(res))
+                    res.append(f"{kind} {who} {us(lambda: run(who, c)):.1f}")
+                log(f"mask T={T} B={B} rows={rows} us: " + "; ".join(res))
     if a.log:
         with open(a.log, "w") as f:
             f.write("\n".join(LOG) + "\n")

@@ -55,7 +55,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ``tl.int64`` (on the H200 the warm-up's tiny host tier and the offload manager's differed, and the first
 # offloaded step compiled a fourth variant).
 MAX_SPLITS = 32  # split-K bound for decode; also the merge kernel's fixed tile
-TOPN_BITS = 1  # threshold bits the per-round path's top-n settles per pass (``_top_n``)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -293,28 +292,21 @@ def _exact_blocks(lo_s, hi_s, ci, N: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _top_n(sc, ok, N: tl.constexpr, BITS: tl.constexpr):
+def _top_n(sc, ok, N: tl.constexpr):
     """The ``N`` best valid scores of ``sc`` (ties: lower index first): the mask of those kept and each one's
     rank in index order (its output slot).
 
-    The N-th largest score is found on an order-preserving integer image of the floats rather than by sorting
-    it (a bitonic sort of the exact round's 2,048 scores in one program was the serial tail of every search round):
-    ``BITS`` bits of it per pass, the 2^BITS candidate thresholds of a pass counted in one 2-D sum, so 32 / BITS
-    block-wide reductions (``BITS`` 1: one count per pass)."""
+    The N-th largest score is found bit by bit on an order-preserving integer image of the floats (32 counts
+    over the vector) rather than by sorting it: a bitonic sort of the exact round's 2,048 scores in one program
+    was the serial tail of every search round. Settling 2 or 4 bits per pass (2^bits counts in one 2-D sum) was
+    slower on the H200: top 128 of 1,024 in 6.5 us, 7.7 and 10.3 (bench_top_n.py at c11511a, BENCHMARKS.md §1)."""
     bits = (sc + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, equal as floats, so as keys
     key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
     thr = tl.zeros((), tl.int64)
-    if BITS == 1:
-        for b in tl.static_range(32):  # the largest t with at least N keys >= t: the N-th largest key
-            cand = thr + (1 << (31 - b))
-            cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
-            thr = tl.where(cnt >= N, cand, thr)
-    else:
-        digit = tl.arange(0, 1 << BITS).to(tl.int64)
-        for p in tl.static_range(32 // BITS):  # per pass: the largest digit whose threshold keeps >= N keys
-            shift = 32 - BITS * (p + 1)
-            cnt = tl.sum((key[None, :] >= (thr + (digit << shift))[:, None]).to(tl.int32), axis=1)
-            thr = thr + (tl.max(tl.where(cnt >= N, digit, 0), axis=0) << shift)
+    for b in tl.static_range(32):  # the largest t with at least N keys >= t: the N-th largest key
+        cand = thr + (1 << (31 - b))
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        thr = tl.where(cnt >= N, cand, thr)
     gt = key > thr
     n_gt = tl.sum(gt.to(tl.int32), axis=0)
     eq = (key == thr) & ok
@@ -324,13 +316,13 @@ def _top_n(sc, ok, N: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _best_halves(sc_s, lo_s, hi_s, N: tl.constexpr, N_PAD: tl.constexpr, BITS: tl.constexpr):
+def _best_halves(sc_s, lo_s, hi_s, N: tl.constexpr, N_PAD: tl.constexpr):
     """A halving round's selection from its 2N scores: the kept halves' mask, output slots and ranges."""
     ci2 = tl.arange(0, 2 * N_PAD)
     cvalid = ci2 < 2 * N
     sc = tl.load(sc_s + ci2, mask=cvalid, other=float("-inf"), cache_modifier=".cg")
     clo2, chi2, _ = _halves(lo_s, hi_s, ci2, cvalid)
-    sel, slot = _top_n(sc, cvalid, N, BITS)
+    sel, slot = _top_n(sc, cvalid, N)
     return sel, slot, clo2, chi2
 
 
@@ -460,14 +452,14 @@ def _cand_chunk_scores(qt, rvalid, moff, k_ptr, v_ptr, bt_ptr, req, sbt0, page_s
 
 @triton.jit
 def _exact_select(sc_s, lo_s, hi_s, out_base, so2, pick_base, N: tl.constexpr, N_PAD: tl.constexpr,
-                  EXACT: tl.constexpr, E_PAD: tl.constexpr, CAND: tl.constexpr, BITS: tl.constexpr):
+                  EXACT: tl.constexpr, E_PAD: tl.constexpr, CAND: tl.constexpr):
     """Exact round's selection: the N best of the N * EXACT scored blocks (ties: lower position first), written
     to ``out_base`` in position order. ``CAND``: each kept block's candidate index (its rows in the selection
     cache) to ``pick_base`` at the same slot."""
     ci2 = tl.arange(0, E_PAD * N_PAD)
     blk2, ok = _exact_blocks(lo_s, hi_s, ci2, N=N, EXACT=EXACT)
     sc = tl.load(sc_s + ci2, mask=ci2 < N * EXACT, other=float("-inf"), cache_modifier=".cg")
-    sel, slot = _top_n(tl.where(ok, sc, float("-inf")), ok, N, BITS)
+    sel, slot = _top_n(tl.where(ok, sc, float("-inf")), ok, N)
     tl.store(out_base + slot * so2, blk2.to(tl.int32), mask=sel)
     if CAND:
         tl.store(pick_base + slot * so2, ci2.to(tl.int32), mask=sel)
@@ -552,7 +544,7 @@ def _hip_mask_body(
                     tl.store(sc_s + cc, cs, mask=cc < 2 * N)
                 tl.debug_barrier()
                 # ---- keep the N best halves (ties: lower position first), in position order
-                sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD, BITS=1)
+                sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD)
                 tl.debug_barrier()
                 tl.store(lo_s + slot, clo2, mask=sel)
                 tl.store(hi_s + slot, chi2, mask=sel)
@@ -567,7 +559,7 @@ def _hip_mask_body(
                     tl.store(sc_s + cc, cs, mask=cc < N * EXACT)
                 tl.debug_barrier()
                 _exact_select(sc_s, lo_s, hi_s, out_base, so2, out_base, N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD,
-                              CAND=False, BITS=1)
+                              CAND=False)
             else:
                 res = tl.load(lo_s + ar, mask=ar < N, other=-1)
                 tl.store(out_base + ar * so2, res.to(tl.int32), mask=ar < N)
@@ -737,7 +729,6 @@ def _hip_mask_round_body(
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     TIERED: tl.constexpr, EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
     NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr, DV: tl.constexpr,
-    TOPN_BITS: tl.constexpr,
 ):
     """``GROUPS`` (staged refresh): the groups entering the exact round live in a per-row cache; blocks whose
     ``coarse`` flag is 0 skip the halving rounds and rescore the groups their last coarse search stored.
@@ -822,11 +813,11 @@ def _hip_mask_round_body(
             tl.store(cnt_ptr + pid, 0)
             row = tl.load(out_row_ptr + qb).to(tl.int64)
             _exact_select(sc_s, lo_s, hi_s, out_ptr + row * so0 + h * so1, so2, pick_ptr + row * so0 + h * so1,
-                          N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD, CAND=CAND, BITS=TOPN_BITS)
+                          N=N, N_PAD=N_PAD, EXACT=EXACT, E_PAD=E_PAD, CAND=CAND)
         elif done == nch - 1:
             tl.debug_barrier()
             tl.store(cnt_ptr + pid, 0)
-            sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD, BITS=TOPN_BITS)
+            sel, slot, clo2, chi2 = _best_halves(sc_s, lo_s, hi_s, N=N, N_PAD=N_PAD)
             if rnd == rounds + exact - 1:
                 row = tl.load(out_row_ptr + qb).to(tl.int64)
                 tl.store(out_ptr + row * so0 + h * so1 + slot * so2, clo2.to(tl.int32), mask=sel)
@@ -847,7 +838,7 @@ def _hip_mask_round_kernel(
     NQ: tl.constexpr, NQ_P: tl.constexpr, M_PAD: tl.constexpr, STRIDE: tl.constexpr,
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
-    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, TOPN_BITS: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, PDL: tl.constexpr,
 ):
     _gdc_enter(PDL)
     _hip_mask_round_body(
@@ -859,7 +850,7 @@ def _hip_mask_round_kernel(
         k_ptr, 0, 0, 0, 0, 0, 0, 0, 0, 0, k_ptr, k_ptr, out_ptr, 0, 0, 0, 0, 0, 0,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=False, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=False, DV=D, TOPN_BITS=TOPN_BITS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=False, DV=D)
 
 
 @triton.jit(do_not_specialize=["rnd", "cpp", "sbt0", "n_dev", "hk_off", "hv_off"])
@@ -878,7 +869,7 @@ def _hip_mask_round_kernel_tiered(
     KROWS: tl.constexpr, HAS_ACTIVE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     EXACT: tl.constexpr, E_PAD: tl.constexpr, SC_W: tl.constexpr,
     NORM: tl.constexpr, NS: tl.constexpr, GROUPS: tl.constexpr, CAND: tl.constexpr, DV: tl.constexpr,
-    TOPN_BITS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _gdc_enter(PDL)
     _hip_mask_round_body(
@@ -891,7 +882,7 @@ def _hip_mask_round_kernel_tiered(
         ck_ptr, cv_ptr, pick_ptr, sck0, sck1, sck2, scv0, scv1, scv2,
         G=G, D=D, N=N, N_PAD=N_PAD, BK=BK, NQ=NQ, NQ_P=NQ_P, M_PAD=M_PAD, STRIDE=STRIDE, KROWS=KROWS,
         HAS_ACTIVE=HAS_ACTIVE, IEEE=IEEE, UPCAST=UPCAST, TIERED=True, EXACT=EXACT, E_PAD=E_PAD, SC_W=SC_W,
-        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=CAND, DV=DV, TOPN_BITS=TOPN_BITS)
+        NORM=NORM, NS=NS, GROUPS=GROUPS, CAND=CAND, DV=DV)
 
 
 def hip_mask(
@@ -901,7 +892,6 @@ def hip_mask(
     single_launch: bool | None = None, host_k_cache=None, programs: int | None = None,
     krows: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     groups=None, coarse=None, pdl: bool | None = None, cand=None, v_cache=None, host_v_cache=None,
-    topn_bits: int | None = None,
 ):
     """HiP v3 key-block selection with an exact last stage (``exact_blocks``), same result as
     ``hip_mask_reference``: ``[QB, Hkv, n]`` int32 (or ``out``).
@@ -916,8 +906,7 @@ def hip_mask(
     ``host_k_cache``: host tier of a two-tier cache (module docstring). ``programs``: programs per (qb, head)
     in each round of the per-round path (default: ~4 per SM for decode, ~16 per SM for prefill); a tuning knob
     for benchmarks; so are ``krows`` (key rows scored per chunk), ``num_warps`` and ``num_stages`` (one-launch path
-    only; default 2), ``pdl`` (programmatic dependent launch, ``_pdl``; default: on sm_90 and newer) and
-    ``topn_bits`` (threshold bits per pass of the rounds' top-n, ``_top_n``; per-round path; default ``TOPN_BITS``).
+    only; default 2), and ``pdl`` (programmatic dependent launch, ``_pdl``; default: on sm_90 and newer).
     ``norm_window`` > 0: the normalised score (``hip_mask_reference``); its offsets are computed once per (qb, head)
     before the rounds: inside the program (one launch), or by the init launch spread over up to 8 programs per
     (qb, head) (per round).
@@ -1032,8 +1021,7 @@ def hip_mask(
     kern = (_hip_mask_round_kernel_tiered if tier else _hip_mask_round_kernel)[(QB, Hkv, nch)]
     meta = dict(G=G, D=D, N=n, N_PAD=n_pad, BK=bk, NQ=nq, NQ_P=nq_p, M_PAD=m_pad, STRIDE=int(query_stride),
                 KROWS=krows, HAS_ACTIVE=has_active, IEEE=ieee, UPCAST=_INTERPRET, EXACT=exact, E_PAD=e_pad,
-                SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, TOPN_BITS=int(topn_bits or TOPN_BITS),
-                num_warps=nw, **pdl_opts)
+                SC_W=sc_w, NORM=norm, NS=ns, GROUPS=staged, num_warps=nw, **pdl_opts)
     if tier:  # the two-tier kernel also takes the V cache and the selection cache (dummies without ``cand``)
         meta.update(CAND=cand is not None, DV=v_cache.shape[-1] if cand is not None else D)
         tier = (*tier, *_cand_mask_args(cand, k_cache, v_cache, host_v_cache, out, n * exact * bk))
