@@ -140,8 +140,8 @@ class DensePrefill:
 # Decode batches (graph sizes) from which a HiP layer hands its short rows (at most hip.dense_below_seq_len) to
 # FlashAttention. The call costs 7-9 us per HiP layer and step on the H200 even when no row is short (29 layers: ~0.25
 # ms of a 9 ms step at 128K x 6); in graphs of up to 8 rows the HiP kernel attends rows of 4K-16K densely within
-# -10/+8 % of it (16K: 110.8 against 123.1 us for 6 rows in the graph of 8), while at 16 rows FlashAttention is
-# 1.3x faster (8K: 131 against 174 us). bench_decode_splits.py --dense, BENCHMARKS.md §2.
+# -10/+6 % of it (16K: 111.0 against 104.8 us for 6 rows in the graph of 8), while at 16 rows FlashAttention is
+# 1.3x faster (8K: 131 against 174 us). bench_decode_splits.py --dense, BENCHMARKS.md §1 (2026-12-03 19:19).
 HAND_OVER_MIN_ROWS = 9
 
 

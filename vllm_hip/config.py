@@ -93,7 +93,8 @@ class HipConfig:
     """Layer indices that keep dense attention (the paper keeps the first 3 dense)."""
     dense_below_seq_len: int = 0
     """Requests whose context (tokens so far) is at most this use dense attention; 0 = HiP wherever it prunes.
-    On CUDA (fp16/bf16) vLLM's FlashAttention serves them, prefill and decode, unless KV offload is on."""
+    On CUDA (fp16/bf16) vLLM's FlashAttention serves them, prefill and decode (decode in batches of 9 or more; in
+    smaller ones the HiP kernel attends them densely), unless KV offload is on."""
     prefill_dense_below_seq_len: int = 0
     """Prefill only: a prompt chunk whose request reaches at most this many tokens with it attends densely;
     0 = ``dense_below_seq_len``, otherwise at least that. Decode keeps ``dense_below_seq_len``. On an H200, HiP's
