@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: every GPU test and benchmark of vllm-hip, on a CUDA machine; logs under $OUT.
 #
-#   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [pdl] [throughput] [offload] [longest] [serve]   (default: all)
+#   bash benchmarks/gpu_check.sh [install] [kernels] [vllm] [bench] [pdl] [splits] [throughput] [offload] [longest] [serve]   (default: all)
 #
 # install     installs this checkout into $SITE (default /tmp/site) with its entry point, so vLLM's
 #             engine processes load the plugin, and any other wheel in .gpu-assets (gguf: `pip wheel --no-deps
@@ -14,6 +14,9 @@
 #             and again with plain v3 (exact_blocks 1) at three lengths, for the exact stage's cost.
 # pdl         bench_kernels.py --pdl-sweep: one HiP decode layer's launches (KV write, mask, attention) in a CUDA graph
 #             with programmatic dependent launch off and on (refreshing, exact-only, idle), at 32K/128K, batch 1/6/16.
+# splits      benchmarks/bench_decode_splits.py --dense --mask: decode attention by split count in padded graphs (6 requests in
+#             the graph of 8), short rows on FlashAttention against the HiP kernel in graphs of 2-8, the staged
+#             refresh's mask launches (~3 min on 2026-12-03).
 # throughput  benchmarks/bench_throughput.py (vLLM end to end, FLASH_ATTN vs HIP).
 # offload     bench_throughput.py: HIP vs HIP_OFFLOAD with the HiP layers' GPU KV (pages + selection cache) capped at 20 %
 #             of what 6 x 128K requests need (425 s on 2026-12-03, 77.6 GiB pinned).
@@ -41,7 +44,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/hip-gpu-out}
 SITE=${SITE:-/tmp/site}
 mkdir -p "$OUT"
-steps=${*:-install kernels vllm bench pdl throughput offload longest serve}
+steps=${*:-install kernels vllm bench pdl splits throughput offload longest serve}
 # The checkout first (its vllm_hip wins), $SITE for vLLM and the plugin's entry point (dist-info).
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi -L | tee "$OUT/gpu.txt"
@@ -74,6 +77,8 @@ assets._atomic_dir(assets._cache(None) / 'smollm2', lambda t: assets._convert_gg
              | tee "$OUT/bench_kernels_exact1.log" | tail -12 ;;
     pdl) python3 benchmarks/bench_kernels.py --lengths 32768,131072 --decode-batches 1,6,16 --prefill-max 0 --pdl-sweep \
            2>&1 | tee "$OUT/bench_pdl.log" | grep -E "pdl sweep|^decode" ;;
+    splits) python3 benchmarks/bench_decode_splits.py --dense --mask --log "$OUT/bench_decode_splits.log" 2>&1 \
+              | grep -v "^  all" | tail -40 ;;
     throughput) python3 benchmarks/bench_throughput.py ${THROUGHPUT_ARGS:-} --log "$OUT/throughput.jsonl" 2>&1 \
                   | tee "$OUT/bench_throughput.log" | tail -30 ;;
     offload) python3 benchmarks/bench_throughput.py --backends HIP,HIP_OFFLOAD --lengths 131072 --offload-cap 0.2 \
